@@ -1,0 +1,55 @@
+"""Raw JAX collectives along a dimension over a mesh axis, with no custom gradient.
+
+Valid inside ``jax.shard_map`` where ``axis`` is bound. ``axis`` is a mesh axis name or a tuple
+of names (then the ranks are the axes' linearized index, as in ``lax.axis_index``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+
+AxisName = str | tuple[str, ...]
+
+
+def _axes(axis: AxisName) -> frozenset[str]:
+    return frozenset((axis,) if isinstance(axis, str) else axis)
+
+
+def _varying_axes(x: Any) -> frozenset[str]:
+    """The mesh axes ``x`` is typed as varying over (``aval.mat.varying``; ``aval.vma`` in JAX
+    releases before the manual-axis-type rework)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def vma_tracked(axis: AxisName) -> bool:
+    """Whether shard_map tracks varying-ness here (``check_vma=True``): ``axis_index`` is always
+    varying over ``axis`` when it does, and carries no axes when it does not."""
+    return _axes(axis) <= _varying_axes(lax.axis_index(axis))
+
+
+def varies_over(x: Any, axis: AxisName) -> bool:
+    """Whether ``x`` is typed as varying over every axis of ``axis``."""
+    return _axes(axis) <= _varying_axes(x)
+
+
+def local_chunk(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
+    """This device's chunk along ``dim``: ``[.., S, ..] -> [.., S/N, ..]`` (a dynamic_slice)."""
+    length = x.shape[dim] // lax.axis_size(axis)
+    return lax.dynamic_slice_in_dim(x, lax.axis_index(axis) * length, length, axis=dim)
+
+
+def all_gather_along(x: jax.Array, dim: int, axis: AxisName, *, invariant: bool) -> jax.Array:
+    """Concatenate every device's ``x`` along ``dim``: ``[.., s, ..] -> [.., N*s, ..]``.
+
+    ``invariant=True`` types the result device-invariant (returnable with ``out_specs=P()``)."""
+    return lax.all_gather(x, axis, axis=dim, tiled=True, to="invarying" if invariant else "varying")
+
+
+def reduce_scatter_along(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
+    """Sum ``x`` over devices, keep this device's chunk: ``[.., N*s, ..] -> [.., s, ..]``."""
+    return lax.psum_scatter(x, axis, scatter_dimension=dim, tiled=True)

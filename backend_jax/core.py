@@ -1,0 +1,79 @@
+"""The JAX backend: array facts, mesh-axis resolution and the primitive set for sp_common."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sp_common.backend import Backend
+from sp_common.groups import active_group
+from sp_common.shapes import DtypeKind, is_axis_name
+
+from . import autograd
+from .collectives import AxisName
+
+DEFAULT_AXIS = "sp"
+
+
+class JaxBackend(Backend):
+    framework = "jax"
+
+    def is_tensor(self, x: object) -> bool:
+        return isinstance(x, jax.Array)
+
+    def shape(self, x: jax.Array) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def dtype_info(self, x: jax.Array) -> tuple[DtypeKind, float, float, str]:
+        dt = x.dtype
+        if dt == jnp.bool_:
+            return "bool", 0, 1, str(dt)
+        if jnp.issubdtype(dt, jnp.complexfloating):
+            info = jnp.finfo(dt)
+            return "complex", float(info.min), float(info.max), str(dt)
+        if jnp.issubdtype(dt, jnp.floating):
+            finfo = jnp.finfo(dt)
+            return "float", float(finfo.min), float(finfo.max), str(dt)
+        iinfo = jnp.iinfo(dt)
+        return "int", int(iinfo.min), int(iinfo.max), str(dt)
+
+    def resolve_group(self, func: str, group: Any) -> AxisName:
+        if group is None:
+            group = active_group("jax")
+            if group is None:
+                return DEFAULT_AXIS
+        if not is_axis_name(group):
+            raise TypeError(
+                f"{func}: group must be a mesh axis name (a str or a tuple of str) for a JAX "
+                f"array, got {group!r} of type {type(group).__name__}; pass e.g. group='sp'."
+            )
+        return group  # type: ignore[no-any-return]
+
+    def world_size(self, group: AxisName) -> int:
+        try:
+            return int(lax.axis_size(group))
+        except NameError:  # the axis is not bound: outside shard_map
+            return 1
+
+    def rank(self, group: AxisName) -> Any:
+        try:
+            return lax.axis_index(group)
+        except NameError:
+            return 0
+
+    def shard(self, x: jax.Array, dim: int, group: AxisName) -> jax.Array:
+        return autograd.shard(x, dim, group)
+
+    def gather(self, x: jax.Array, dim: int, group: AxisName, grad_rule: str) -> jax.Array:
+        return autograd.gather(x, dim, group, grad_rule)
+
+    def pad_end(self, x: jax.Array, dim: int, pad: int, value: Any) -> jax.Array:
+        config = [(0, 0, 0)] * x.ndim
+        config[dim] = (0, pad, 0)
+        return lax.pad(x, jnp.asarray(value, dtype=x.dtype), config)
+
+    def prefix(self, x: jax.Array, dim: int, length: int) -> jax.Array:
+        return lax.slice_in_dim(x, 0, length, axis=dim)

@@ -1,0 +1,57 @@
+"""Autograd pairs: each forward calls a collective helper, each backward its conjugate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .collectives import ProcessGroup, all_gather_along, local_chunk, reduce_scatter_along
+
+
+class _Shard(torch.autograd.Function):
+    """Forward: this rank's chunk. Backward: gather of the gradient chunks."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return local_chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherSliceGrad(torch.autograd.Function):
+    """Forward: all-gather. Backward: this rank's slice (the computation after is replicated)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return all_gather_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return local_chunk(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherReduceScatterGrad(torch.autograd.Function):
+    """Forward: all-gather. Backward: reduce-scatter (ranks computed different loss terms)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return all_gather_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
+
+
+def shard(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    return _Shard.apply(x, dim, group)
+
+
+def gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, grad_rule: str) -> torch.Tensor:
+    fn = _GatherSliceGrad if grad_rule == "slice" else _GatherReduceScatterGrad
+    return fn.apply(x, dim, group)

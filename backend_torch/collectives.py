@@ -1,0 +1,97 @@
+"""Raw torch.distributed data movement along a dimension, with no autograd.
+
+Every gather moves bytes: the tensors are bit-cast to uint8 (a free view), so any dtype moves
+bitwise over any backend, including dtypes gloo cannot reduce (int16, float8, complex).
+Dynamo rewrites these c10d calls into functional collectives, so they also trace under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from sp_common.shapes import shard_bounds
+
+ProcessGroup = dist.ProcessGroup
+
+
+def _as_flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor seen as a 1-D uint8 buffer (a view, no copy)."""
+    flat = t.view(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def local_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    """This rank's chunk of ``x`` along ``dim``: ``[.., S, ..] -> [.., S/N, ..]``, a contiguous
+    copy that does not keep ``x`` alive."""
+    n = dist.get_world_size(group)
+    start, length = shard_bounds(x.shape[dim], n, dist.get_rank(group))
+    return x.narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
+
+
+def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order: ``[.., s, ..] -> [.., N*s, ..]``.
+
+    One ``all_gather_into_tensor``. When every dim before ``dim`` has size 1, rank-major order is
+    already the output's memory order, so it gathers straight into the output; otherwise it
+    gathers into ``[N, *x.shape]`` and makes one relayout copy.
+    """
+    n = dist.get_world_size(group)
+    x = x.contiguous()
+    out_shape = list(x.shape)
+    out_shape[dim] *= n
+    if math.prod(x.shape[:dim]) == 1:
+        out = x.new_empty(out_shape)
+        dist.all_gather_into_tensor(_as_flat_bytes(out), _as_flat_bytes(x), group=group)
+        return out
+    stacked = x.new_empty((n, *x.shape))
+    dist.all_gather_into_tensor(_as_flat_bytes(stacked), _as_flat_bytes(x), group=group)
+    return stacked.movedim(0, dim).reshape(out_shape)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's chunk along ``dim``:
+    ``[.., N*s, ..] -> [.., s, ..]``. One ``reduce_scatter_tensor`` in ``x``'s own dtype."""
+    n = dist.get_world_size(group)
+    shape = list(x.shape)
+    chunk = shape[dim] // n
+    # Rank-major input: [N, ..., s, ...]; a view (no copy) when the dims before `dim` are 1.
+    rank_major = x.reshape([*shape[:dim], n, chunk, *shape[dim + 1 :]]).movedim(dim, 0).contiguous()
+    out_shape = [*shape[:dim], chunk, *shape[dim + 1 :]]
+    out = x.new_empty(out_shape)
+    dist.reduce_scatter_tensor(out.view(-1), rank_major.view(-1), group=group)
+    return out
+
+
+_META_SLOTS = 16
+
+
+def check_consistent(func: str, x: torch.Tensor, dim: int, group: ProcessGroup | None) -> None:
+    """Raise ValueError on every rank unless all ranks hold ``x`` with one shape and dtype.
+
+    One all-gather of ``2 + 16`` int64 values per rank (ndim, dtype code, the shape).
+    """
+    shape = list(x.shape)
+    if len(shape) > _META_SLOTS:  # fold the dims past the last slot into one code
+        shape = [*shape[: _META_SLOTS - 1], zlib.crc32(repr(shape[_META_SLOTS - 1 :]).encode())]
+    meta = [x.dim(), zlib.crc32(str(x.dtype).encode()), *shape]
+    meta += [-1] * (2 + _META_SLOTS - len(meta))
+    mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
+    n = dist.get_world_size(group)
+    everyone = mine.new_empty((n, mine.numel()))
+    dist.all_gather_into_tensor(everyone, mine, group=group)
+    rows = everyone.tolist()
+    if all(row == rows[0] for row in rows):
+        return
+    dtypes = [None] * n
+    dist.all_gather_object(dtypes, (tuple(x.shape), str(x.dtype)), group=group)
+    listing = "; ".join(f"rank {r}: shape {s} {d}" for r, (s, d) in enumerate(dtypes))  # type: ignore[misc]
+    raise ValueError(
+        f"{func}: ranks disagree on the tensor to shard/gather along dim {dim} ({listing}); "
+        "every rank of the SP group must pass the same shape and dtype (pad variable-length "
+        "sequences to one length with sp_shard_with_padding)."
+    )

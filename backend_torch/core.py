@@ -1,0 +1,82 @@
+"""The torch backend: tensor facts, group resolution and the primitive set for sp_common."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sp_common.backend import Backend
+from sp_common.debug import debug_enabled
+from sp_common.groups import active_group, active_group_traceable
+from sp_common.shapes import DtypeKind
+
+from . import autograd, collectives
+
+
+def default_group() -> dist.ProcessGroup | None:
+    """The default process group when one is initialized, else None (world size 1)."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+class TorchBackend(Backend):
+    framework = "torch"
+
+    def is_tensor(self, x: object) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def dtype_info(self, x: torch.Tensor) -> tuple[DtypeKind, float, float, str]:
+        dt = x.dtype
+        if dt == torch.bool:
+            return "bool", 0, 1, str(dt)
+        if dt.is_complex:
+            info = torch.finfo(torch.float32 if dt == torch.complex64 else torch.float64)
+            return "complex", info.min, info.max, str(dt)
+        if dt.is_floating_point:
+            finfo = torch.finfo(dt)
+            return "float", finfo.min, finfo.max, str(dt)
+        iinfo = torch.iinfo(dt)
+        return "int", iinfo.min, iinfo.max, str(dt)
+
+    def resolve_group(self, func: str, group: Any) -> dist.ProcessGroup | None:
+        if group is None:
+            compiling = torch.compiler.is_compiling()
+            group = active_group_traceable("torch") if compiling else active_group("torch")
+            if group is None:
+                return default_group()
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"{func}: group must be a torch.distributed.ProcessGroup for a torch tensor, got "
+                f"{group!r} of type {type(group).__name__}; pass dist.new_group(...) or leave it "
+                "out to use the default process group."
+            )
+        return group
+
+    def world_size(self, group: dist.ProcessGroup | None) -> int:
+        return 1 if group is None else dist.get_world_size(group)
+
+    def rank(self, group: dist.ProcessGroup | None) -> int:
+        return 0 if group is None else dist.get_rank(group)
+
+    def shard(self, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        return autograd.shard(x, dim, group)
+
+    def gather(self, x: torch.Tensor, dim: int, group: Any, grad_rule: str) -> torch.Tensor:
+        return autograd.gather(x, dim, group, grad_rule)
+
+    def pad_end(self, x: torch.Tensor, dim: int, pad: int, value: Any) -> torch.Tensor:
+        fill_shape = list(x.shape)
+        fill_shape[dim] = pad
+        return torch.cat([x, x.new_full(fill_shape, value)], dim=dim)
+
+    def prefix(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+        return x.narrow(dim, 0, length).contiguous()
+
+    def check_consistent(self, func: str, x: torch.Tensor, dim: int, group: Any) -> None:
+        # Skipped while compiling: the check reads its verdict back to Python.
+        if not torch.compiler.is_compiling() and debug_enabled():
+            collectives.check_consistent(func, x, dim, group)

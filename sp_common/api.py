@@ -1,0 +1,168 @@
+"""The public sharding operations, written once over the backend primitives."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from .backend import GRAD_RULES, Backend, backend_for, backend_named
+from .shapes import (
+    check_divisible,
+    check_pad_size,
+    check_pad_value,
+    normalize_dim,
+    pad_size_for,
+)
+
+T = TypeVar("T")
+
+
+def _prepare(
+    func: str, tensor: Any, dim: Any, group: Any
+) -> tuple[Backend, tuple[int, ...], int, Any, int]:
+    backend = backend_for(func, tensor)
+    shape = backend.shape(tensor)
+    d = normalize_dim(func, dim, shape)
+    g = backend.resolve_group(func, group)
+    return backend, shape, d, g, backend.world_size(g)
+
+
+def sp_shard(tensor: T, dim: int, validate: bool = True, *, group: Any = None) -> T:
+    """This rank's chunk of ``tensor`` along ``dim``.
+
+    Shapes: ``[..., S, ...] -> [..., S / N, ...]`` where N is the SP world size; rank r gets
+    elements ``[r * S/N, (r + 1) * S/N)`` of ``dim``.
+
+    Args:
+        tensor: a ``torch.Tensor`` or ``jax.Array`` (the same full tensor on every rank).
+        dim: the sequence dimension; negative counts from the end.
+        validate: with debug mode on (``sp_debug()``), also check that all ranks agree on shape
+            and dtype (torch). The local checks (dim range, divisibility) always run.
+        group: the SP group for this call: a torch ``ProcessGroup`` or a JAX mesh axis name
+            (default: the innermost ``sp_group`` block, else the default group / axis ``"sp"``).
+
+    Returns:
+        torch: a contiguous tensor that owns its memory. JAX: a ``dynamic_slice`` by
+        ``axis_index``. World size 1 returns ``tensor`` itself. Backward: gather of the gradient.
+
+    Raises:
+        ValueError: ``S`` is not divisible by N (use :func:`sp_shard_with_padding`), ``dim`` is
+            out of range, or ``tensor`` is 0-d.
+        TypeError: ``tensor`` is not a supported tensor type.
+    """
+    backend, shape, d, g, n = _prepare("sp_shard", tensor, dim, group)
+    check_divisible("sp_shard", shape, d, n)
+    if n == 1:
+        return tensor
+    if validate:
+        backend.check_consistent("sp_shard", tensor, d, g)
+    return backend.shard(tensor, d, g)
+
+
+def sp_gather(
+    tensor: T,
+    dim: int,
+    validate: bool = True,
+    *,
+    pad_size: int = 0,
+    group: Any = None,
+    grad_rule: str = "slice",
+) -> T:
+    """All ranks' shards concatenated along ``dim`` in rank order, minus ``pad_size`` at the end.
+
+    Shapes: ``[..., S / N, ...] -> [..., S - pad_size, ...]``.
+
+    Args:
+        tensor: this rank's shard; all ranks must pass the same shape and dtype.
+        dim: the dimension to concatenate along; negative counts from the end.
+        validate: with debug mode on, check that all ranks agree on shape and dtype first (torch;
+            a mismatch raises ValueError on every rank instead of hanging).
+        pad_size: elements to drop from the end of ``dim`` after gathering (the ``pad_size``
+            returned by :func:`sp_shard_with_padding`).
+        group: the SP group for this call (see :func:`sp_shard`).
+        grad_rule: ``"slice"`` (default): the computation after the gather is replicated on
+            every rank, so the backward is this rank's slice of the gradient.
+            ``"reduce_scatter"``: ranks compute different terms of one loss, so the backward sums
+            the gradients over ranks and keeps this rank's slice.
+
+    Returns:
+        The gathered tensor. torch: one collective; it gathers straight into the output when
+        every dim before ``dim`` has size 1. JAX: ``all_gather(tiled=True)``, device-invariant
+        under ``grad_rule="slice"`` (so ``out_specs=P()`` is accepted with ``check_vma=True``).
+    """
+    if grad_rule not in GRAD_RULES:
+        raise ValueError(
+            f"sp_gather: grad_rule={grad_rule!r} is not one of {GRAD_RULES}; use 'slice' when "
+            "every rank computes the same loss after the gather, 'reduce_scatter' when ranks "
+            "compute different terms of one loss."
+        )
+    backend, shape, d, g, n = _prepare("sp_gather", tensor, dim, group)
+    full_shape = (*shape[:d], shape[d] * n, *shape[d + 1 :])
+    p = check_pad_size("sp_gather", pad_size, full_shape, d)
+    if n > 1:
+        if validate:
+            backend.check_consistent("sp_gather", tensor, d, g)
+        tensor = backend.gather(tensor, d, g, grad_rule)
+    return backend.prefix(tensor, d, full_shape[d] - p) if p else tensor
+
+
+def sp_shard_with_padding(
+    tensor: T, dim: int, pad_value: float = 0.0, *, group: Any = None
+) -> tuple[T, int]:
+    """Pad ``tensor`` at the end of ``dim`` to a multiple of N, then shard it.
+
+    Shapes: ``[..., S, ...] -> ([..., ceil(S / N), ...], pad_size)`` with
+    ``pad_size = ceil(S / N) * N - S``, a Python int equal on every rank (0 when N divides S, and
+    at world size 1, where ``tensor`` itself is returned). Ranks past the real data hold only
+    padding when ``S < N``.
+
+    ``pad_value`` is cast to the tensor's dtype; a value the dtype cannot hold (1.5 or NaN for an
+    integer dtype, 300 for uint8, 1e6 for float16) raises ValueError. Undo the padding with
+    ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`.
+    """
+    backend, shape, d, g, n = _prepare("sp_shard_with_padding", tensor, dim, group)
+    kind, lo, hi, dtype_name = backend.dtype_info(tensor)
+    check_pad_value("sp_shard_with_padding", pad_value, kind, lo, hi, dtype_name)
+    if n == 1:
+        return tensor, 0
+    p = pad_size_for(shape[d], n)
+    backend.check_consistent("sp_shard_with_padding", tensor, d, g)
+    padded = backend.pad_end(tensor, d, p, pad_value) if p else tensor
+    return backend.shard(padded, d, g), p
+
+
+def sp_unpad(tensor: T, dim: int, pad_size: int) -> T:
+    """Drop the last ``pad_size`` elements of ``dim`` (any dim, unlike ``x[..., :-pad_size]``).
+
+    Shapes: ``[..., S + pad_size, ...] -> [..., S, ...]``. ``pad_size=0`` returns ``tensor``.
+    torch: the result is contiguous.
+    """
+    backend = backend_for("sp_unpad", tensor)
+    shape = backend.shape(tensor)
+    d = normalize_dim("sp_unpad", dim, shape)
+    p = check_pad_size("sp_unpad", pad_size, shape, d)
+    return backend.prefix(tensor, d, shape[d] - p) if p else tensor
+
+
+def _backend_of(func: str, like: Any) -> Backend:
+    return backend_named(func, like) if isinstance(like, str) else backend_for(func, like)
+
+
+def sp_world_size(like: Any, *, group: Any = None) -> int:
+    """The SP world size N for ``like``'s framework.
+
+    ``like`` is a tensor or the name ``"torch"`` / ``"jax"``. torch: the size of ``group`` (default:
+    the default process group), 1 when no process group is initialized. JAX: the size of the
+    mesh axis (default ``"sp"``), 1 outside ``shard_map`` where the axis is not bound.
+    """
+    backend = _backend_of("sp_world_size", like)
+    return backend.world_size(backend.resolve_group("sp_world_size", group))
+
+
+def sp_rank(like: Any, *, group: Any = None) -> Any:
+    """This rank's index in the SP group, in ``[0, N)``.
+
+    torch: a Python int (0 without a process group). JAX: ``lax.axis_index`` (a traced int32
+    inside ``shard_map``), 0 outside it.
+    """
+    backend = _backend_of("sp_rank", like)
+    return backend.rank(backend.resolve_group("sp_rank", group))

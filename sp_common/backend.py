@@ -1,0 +1,103 @@
+"""The primitive set every framework backend implements, and how a backend is found.
+
+A backend is found from the type of the tensor, only among frameworks the user has already
+imported (as einops does): passing a torch tensor never imports JAX, and the reverse. The result is
+cached per type, so dispatch costs one dict lookup after the first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, ClassVar
+
+from .shapes import DtypeKind
+
+# framework module -> the package holding its backend (attribute BACKEND).
+_BACKEND_PACKAGES: dict[str, str] = {"torch": "backend_torch", "jax": "backend_jax"}
+_SUPPORTED = "torch.Tensor or jax.Array (including tracers inside jit/shard_map)"
+
+GRAD_RULES = ("slice", "reduce_scatter")
+
+
+class Backend:
+    """Primitives over one framework. sp_common composes them; a backend never pads, unpads or
+    validates on its own.
+
+    ``group`` arguments are already resolved with :meth:`resolve_group`.
+    """
+
+    framework: ClassVar[str]
+
+    def is_tensor(self, x: object) -> bool:
+        raise NotImplementedError
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype_info(self, x: Any) -> tuple[DtypeKind, float, float, str]:
+        """(kind, lowest, highest, name) of ``x``'s dtype."""
+        raise NotImplementedError
+
+    def resolve_group(self, func: str, group: Any) -> Any:
+        """The explicit group, else the active ``sp_group`` block's, else the default."""
+        raise NotImplementedError
+
+    def world_size(self, group: Any) -> int:
+        raise NotImplementedError
+
+    def rank(self, group: Any) -> Any:
+        raise NotImplementedError
+
+    def shard(self, x: Any, dim: int, group: Any) -> Any:
+        """This rank's chunk of ``x`` along ``dim`` (size divisible by the world size).
+        Backward: gather of the gradient."""
+        raise NotImplementedError
+
+    def gather(self, x: Any, dim: int, group: Any, grad_rule: str) -> Any:
+        """All ranks' chunks concatenated along ``dim`` in rank order. Backward: this rank's
+        slice (``"slice"``) or the reduce-scatter sum (``"reduce_scatter"``)."""
+        raise NotImplementedError
+
+    def pad_end(self, x: Any, dim: int, pad: int, value: Any) -> Any:
+        """``x`` with ``pad`` elements of ``value`` appended along ``dim``."""
+        raise NotImplementedError
+
+    def prefix(self, x: Any, dim: int, length: int) -> Any:
+        """The first ``length`` elements of ``x`` along ``dim``."""
+        raise NotImplementedError
+
+    def check_consistent(self, func: str, x: Any, dim: int, group: Any) -> None:
+        """In debug mode (``sp_common.debug``), raise ValueError on every rank unless all ranks
+        agree on ``x``'s shape and dtype; otherwise (and where the framework makes that true by
+        construction) a no-op that costs next to nothing."""
+
+
+_by_type: dict[type, Backend] = {}
+
+
+def backend_for(func: str, x: object) -> Backend:
+    """The backend for tensor ``x``; TypeError naming ``func`` for anything else."""
+    backend = _by_type.get(type(x))
+    if backend is not None:
+        return backend
+    for framework, package in _BACKEND_PACKAGES.items():
+        if framework in sys.modules:
+            candidate: Backend = importlib.import_module(package).BACKEND
+            if candidate.is_tensor(x):
+                _by_type[type(x)] = candidate
+                return candidate
+    raise TypeError(
+        f"{func}: tensor must be a {_SUPPORTED}, got {type(x).__module__}.{type(x).__qualname__}; "
+        "convert it first (torch.as_tensor(...) or jax.numpy.asarray(...))."
+    )
+
+
+def backend_named(func: str, framework: str) -> Backend:
+    """The backend of ``framework`` (``"torch"`` or ``"jax"``), importing it on request."""
+    package = _BACKEND_PACKAGES.get(framework)
+    if package is None:
+        raise ValueError(
+            f"{func}: unknown framework {framework!r}; pass 'torch', 'jax' or a tensor."
+        )
+    return importlib.import_module(package).BACKEND
