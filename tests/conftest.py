@@ -1,0 +1,44 @@
+"""Test-session setup: 8 virtual JAX CPU devices and reusable torch gloo rank pools."""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before JAX initializes its CPU backend.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .torch_ranks import TorchRanks
+
+
+@pytest.fixture(scope="session")
+def torch_ranks() -> Iterator[Callable[[int], TorchRanks]]:
+    """``torch_ranks(n)``: a pool of n gloo ranks, started on first use and kept for the session."""
+    pools: dict[int, TorchRanks] = {}
+
+    def get(n: int) -> TorchRanks:
+        if n not in pools:
+            pools[n] = TorchRanks(n)
+        return pools[n]
+
+    yield get
+    for pool in pools.values():
+        pool.close()
+
+
+@pytest.fixture
+def jax_x64() -> Iterator[None]:
+    """64-bit JAX types for one test (int64 stays int64)."""
+    import jax
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
