@@ -21,6 +21,20 @@ def spec_on(dim: int, axis: str = "sp") -> P:
     return P(*([None] * dim), axis)
 
 
+def sharded(
+    fn: Callable[..., Any],
+    n: int,
+    in_specs: Any,
+    out_specs: Any,
+    check_vma: bool = True,
+) -> Callable[..., Any]:
+    """``jit(shard_map(fn))`` over an n-device mesh with axis ``"sp"`` (no mesh context)."""
+    mapped = jax.shard_map(
+        fn, mesh=mesh_of(n), in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
+    )
+    return jax.jit(mapped)
+
+
 def run_sharded(
     fn: Callable[..., Any],
     n: int,
@@ -29,10 +43,7 @@ def run_sharded(
     check_vma: bool = True,
     in_specs: Any = None,
 ) -> Any:
-    mesh = mesh_of(n)
+    """Call ``sharded(fn, ...)`` on ``args`` (replicated unless ``in_specs`` says otherwise)."""
     in_specs = tuple(P() for _ in args) if in_specs is None else in_specs
-    with jax.set_mesh(mesh):
-        mapped = jax.shard_map(
-            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma
-        )
-        return jax.jit(mapped)(*args)
+    with jax.set_mesh(mesh_of(n)):
+        return sharded(fn, n, in_specs, out_specs, check_vma)(*args)
