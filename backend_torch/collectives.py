@@ -36,7 +36,8 @@ def local_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
 def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in rank order: ``[.., s, ..] -> [.., N*s, ..]``.
 
-    One ``all_gather_into_tensor``. When every dim before ``dim`` has size 1, rank-major order is
+    One ``all_gather_single`` (torch 2.13's name for ``all_gather_into_tensor``). When every
+    dim before ``dim`` has size 1, rank-major order is
     already the output's memory order, so it gathers straight into the output; otherwise it
     gathers into ``[N, *x.shape]`` and makes one relayout copy.
     """
@@ -46,16 +47,16 @@ def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> t
     out_shape[dim] *= n
     if math.prod(x.shape[:dim]) == 1:
         out = x.new_empty(out_shape)
-        dist.all_gather_into_tensor(_as_flat_bytes(out), _as_flat_bytes(x), group=group)
+        dist.all_gather_single(_as_flat_bytes(out), _as_flat_bytes(x), group=group)
         return out
     stacked = x.new_empty((n, *x.shape))
-    dist.all_gather_into_tensor(_as_flat_bytes(stacked), _as_flat_bytes(x), group=group)
+    dist.all_gather_single(_as_flat_bytes(stacked), _as_flat_bytes(x), group=group)
     return stacked.movedim(0, dim).reshape(out_shape)
 
 
 def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """Sum ``x`` over ranks and keep this rank's chunk along ``dim``:
-    ``[.., N*s, ..] -> [.., s, ..]``. One ``reduce_scatter_tensor`` in ``x``'s own dtype."""
+    ``[.., N*s, ..] -> [.., s, ..]``. One ``reduce_scatter_single`` in ``x``'s own dtype."""
     n = dist.get_world_size(group)
     shape = list(x.shape)
     chunk = shape[dim] // n
@@ -63,7 +64,7 @@ def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) 
     rank_major = x.reshape([*shape[:dim], n, chunk, *shape[dim + 1 :]]).movedim(dim, 0).contiguous()
     out_shape = [*shape[:dim], chunk, *shape[dim + 1 :]]
     out = x.new_empty(out_shape)
-    dist.reduce_scatter_tensor(out.view(-1), rank_major.view(-1), group=group)
+    dist.reduce_scatter_single(out.view(-1), rank_major.view(-1), group=group)
     return out
 
 
@@ -83,7 +84,7 @@ def check_consistent(func: str, x: torch.Tensor, dim: int, group: ProcessGroup |
     mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
     n = dist.get_world_size(group)
     everyone = mine.new_empty((n, mine.numel()))
-    dist.all_gather_into_tensor(everyone, mine, group=group)
+    dist.all_gather_single(everyone, mine, group=group)
     rows = everyone.tolist()
     if all(row == rows[0] for row in rows):
         return
