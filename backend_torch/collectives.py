@@ -83,9 +83,9 @@ def check_consistent(func: str, x: torch.Tensor, dim: int, group: ProcessGroup |
     meta += [-1] * (2 + _META_SLOTS - len(meta))
     mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
     n = dist.get_world_size(group)
-    everyone = mine.new_empty((n, mine.numel()))
+    everyone = mine.new_empty(n * mine.numel())
     dist.all_gather_single(everyone, mine, group=group)
-    rows = everyone.tolist()
+    rows = everyone.view(n, -1).tolist()
     if all(row == rows[0] for row in rows):
         return
     dtypes = [None] * n

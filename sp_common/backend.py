@@ -7,14 +7,27 @@ cached per type, so dispatch costs one dict lookup after the first call.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any, ClassVar
 
 from .shapes import DtypeKind
 
-# framework module -> the package holding its backend (attribute BACKEND).
-_BACKEND_PACKAGES: dict[str, str] = {"torch": "backend_torch", "jax": "backend_jax"}
+_FRAMEWORKS = ("torch", "jax")
+
+
+def _load(framework: str) -> Backend:
+    """Import the backend package of ``framework``. Plain import statements, not importlib:
+    torch.compile can trace an import statement, so the first op may run inside a compiled
+    function."""
+    if framework == "torch":
+        import backend_torch
+
+        return backend_torch.BACKEND
+    import backend_jax
+
+    return backend_jax.BACKEND
+
+
 _SUPPORTED = "torch.Tensor or jax.Array (including tracers inside jit/shard_map)"
 
 GRAD_RULES = ("slice", "reduce_scatter")
@@ -81,9 +94,9 @@ def backend_for(func: str, x: object) -> Backend:
     backend = _by_type.get(type(x))
     if backend is not None:
         return backend
-    for framework, package in _BACKEND_PACKAGES.items():
+    for framework in _FRAMEWORKS:
         if framework in sys.modules:
-            candidate: Backend = importlib.import_module(package).BACKEND
+            candidate = _load(framework)
             if candidate.is_tensor(x):
                 _by_type[type(x)] = candidate
                 return candidate
@@ -95,9 +108,8 @@ def backend_for(func: str, x: object) -> Backend:
 
 def backend_named(func: str, framework: str) -> Backend:
     """The backend of ``framework`` (``"torch"`` or ``"jax"``), importing it on request."""
-    package = _BACKEND_PACKAGES.get(framework)
-    if package is None:
+    if framework not in _FRAMEWORKS:
         raise ValueError(
             f"{func}: unknown framework {framework!r}; pass 'torch', 'jax' or a tensor."
         )
-    return importlib.import_module(package).BACKEND
+    return _load(framework)
