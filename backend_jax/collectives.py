@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 AxisName = str | tuple[str, ...]
@@ -46,10 +47,18 @@ def local_chunk(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
 def all_gather_along(x: jax.Array, dim: int, axis: AxisName, *, invariant: bool) -> jax.Array:
     """Concatenate every device's ``x`` along ``dim``: ``[.., s, ..] -> [.., N*s, ..]``.
 
-    ``invariant=True`` types the result device-invariant (returnable with ``out_specs=P()``)."""
+    ``invariant=True`` types the result device-invariant (returnable with ``out_specs=P()``).
+    An empty ``x`` moves nothing (XLA rejects an all-gather over a zero-size dimension)."""
+    if x.size == 0:
+        shape = list(x.shape)
+        shape[dim] *= lax.axis_size(axis)
+        empty = jnp.zeros(shape, x.dtype)
+        return empty if invariant or not vma_tracked(axis) else lax.pcast(empty, axis, to="varying")
     return lax.all_gather(x, axis, axis=dim, tiled=True, to="invarying" if invariant else "varying")
 
 
 def reduce_scatter_along(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
     """Sum ``x`` over devices, keep this device's chunk: ``[.., N*s, ..] -> [.., s, ..]``."""
+    if x.size == 0:
+        return local_chunk(x, dim, axis)
     return lax.psum_scatter(x, axis, scatter_dimension=dim, tiled=True)
