@@ -261,32 +261,24 @@ def main() -> int:
 
     # Across frameworks: the data movement must match byte for byte.
     rows = []
-    for r in range(WORLD):
-        t, j, e = torch_run.shards[r], jax_run.shards[r], expected_shards[r]
-        ok = same_bytes(t, j) and same_bytes(t, e)
-        failures += not ok
-        rows.append(
-            [
-                f"sp_shard_with_padding, rank {r}",
-                "x".join(map(str, t.shape)),
-                "bitwise equal" if same_bytes(t, j) else f"DIFFER (max {max_abs(t, j):.1e})",
-                "yes" if same_bytes(t, e) else "NO",
-                mark(ok),
-            ]
-        )
-    for r in range(WORLD):
-        t, j = torch_run.gathered[r], jax_run.gathered[r]
-        ok = same_bytes(t, j) and same_bytes(t, x)
-        failures += not ok
-        rows.append(
-            [
-                f"sp_gather(pad_size), rank {r}",
-                "x".join(map(str, t.shape)),
-                "bitwise equal" if same_bytes(t, j) else f"DIFFER (max {max_abs(t, j):.1e})",
-                "yes" if same_bytes(t, x) else "NO",
-                mark(ok),
-            ]
-        )
+    checks = [
+        ("sp_shard_with_padding", torch_run.shards, jax_run.shards, expected_shards),
+        ("sp_gather(pad_size)", torch_run.gathered, jax_run.gathered, [x] * WORLD),
+    ]
+    for label, torch_out, jax_out, expected in checks:
+        for r in range(WORLD):
+            t, j, e = torch_out[r], jax_out[r], expected[r]
+            ok = same_bytes(t, j) and same_bytes(t, e)
+            failures += not ok
+            rows.append(
+                [
+                    f"{label}, rank {r}",
+                    "x".join(map(str, t.shape)),
+                    "bitwise equal" if same_bytes(t, j) else f"DIFFER (max {max_abs(t, j):.1e})",
+                    "yes" if same_bytes(t, e) else "NO",
+                    mark(ok),
+                ]
+            )
     print("\ntorch vs jax on the sharded input data (pure data movement)")
     print_table(["op on the input x", "shape", "torch vs jax", "matches numpy", ""], rows)
 

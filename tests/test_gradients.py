@@ -20,6 +20,16 @@ from .jax_mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(240)
 
+
+def finite_inputs(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded input and loss weights (finite: an inf weight would make the gradient NaN)."""
+    x = ref.make_input(shape, "float32", seed=1)
+    x[~np.isfinite(x)] = 0.5
+    w = ref.make_input(shape, "float32", seed=2)
+    w[~np.isfinite(w)] = 0.25
+    return x, w
+
+
 CASES = [((2, 8, 3), 1, False), ((8, 3), 0, False), ((2, 10, 3), 1, True), ((3, 2, 3), -1, True)]
 
 
@@ -30,10 +40,7 @@ def test_torch_gradient_through_shard_and_gather_equals_single_device_bitwise(
 ) -> None:
     if not padded and shape[dim] % n:
         pytest.skip("plain sp_shard needs a divisible length; covered by the padded cases")
-    x = ref.make_input(shape, "float32", seed=1)
-    x[~np.isfinite(x)] = 0.5
-    w = ref.make_input(shape, "float32", seed=2)
-    w[~np.isfinite(w)] = 0.25
+    x, w = finite_inputs(shape)
     for rank, (grad, expected) in enumerate(
         torch_ranks(n).run(torch_tasks.gradients, x, dim, w, padded)
     ):
@@ -70,10 +77,7 @@ def test_jax_gradient_through_shard_and_gather_equals_single_device_bitwise(
 ) -> None:
     if not padded and shape[dim] % n:
         pytest.skip("plain sp_shard needs a divisible length; covered by the padded cases")
-    x = ref.make_input(shape, "float32", seed=1)
-    x[~np.isfinite(x)] = 0.5
-    w = ref.make_input(shape, "float32", seed=2)
-    w[~np.isfinite(w)] = 0.25
+    x, w = finite_inputs(shape)
     loss = _jax_loss(n, dim, padded, check_vma)
     with jax.set_mesh(mesh_of(n)):
         grad = jax.grad(loss)(jnp.asarray(x), jnp.asarray(w))
