@@ -12,6 +12,7 @@ from jax import lax
 from .collectives import (
     AxisName,
     all_gather_along,
+    all_to_all_along,
     local_chunk,
     reduce_scatter_along,
     varies_over,
@@ -84,3 +85,13 @@ def gather(x: jax.Array, dim: int, axis: AxisName, grad_rule: str) -> jax.Array:
         x = lax.pcast(x, axis, to="varying")
     fn = _gather_slice_grad if grad_rule == "slice" else _gather_reduce_scatter_grad
     return fn(x, dim, axis)
+
+
+def reduce_scatter(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
+    """Backward: gather of the gradient (JAX's own transpose of ``psum_scatter``)."""
+    return reduce_scatter_along(x, dim, axis)
+
+
+def all_to_all(x: jax.Array, scatter_dim: int, gather_dim: int, axis: AxisName) -> jax.Array:
+    """Backward: the all-to-all with the dims swapped (JAX's own transpose)."""
+    return all_to_all_along(x, scatter_dim, gather_dim, axis)

@@ -38,6 +38,13 @@ def varies_over(x: Any, axis: AxisName) -> bool:
     return _axes(axis) <= _varying_axes(x)
 
 
+def _empty(shape: list[int], dtype: Any, axis: AxisName, invariant: bool) -> jax.Array:
+    """The (empty) result of a collective over an empty array, typed like the collective's.
+    XLA rejects collectives over zero-size dimensions, and there is nothing to move."""
+    empty = jnp.zeros(shape, dtype)
+    return empty if invariant or not vma_tracked(axis) else lax.pcast(empty, axis, to="varying")
+
+
 def local_chunk(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
     """This device's chunk along ``dim``: ``[.., S, ..] -> [.., S/N, ..]`` (a dynamic_slice)."""
     length = x.shape[dim] // lax.axis_size(axis)
@@ -52,8 +59,7 @@ def all_gather_along(x: jax.Array, dim: int, axis: AxisName, *, invariant: bool)
     if x.size == 0:
         shape = list(x.shape)
         shape[dim] *= lax.axis_size(axis)
-        empty = jnp.zeros(shape, x.dtype)
-        return empty if invariant or not vma_tracked(axis) else lax.pcast(empty, axis, to="varying")
+        return _empty(shape, x.dtype, axis, invariant)
     return lax.all_gather(x, axis, axis=dim, tiled=True, to="invarying" if invariant else "varying")
 
 
@@ -62,3 +68,15 @@ def reduce_scatter_along(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
     if x.size == 0:
         return local_chunk(x, dim, axis)
     return lax.psum_scatter(x, axis, scatter_dimension=dim, tiled=True)
+
+
+def all_to_all_along(x: jax.Array, scatter_dim: int, gather_dim: int, axis: AxisName) -> jax.Array:
+    """Send chunk j of ``scatter_dim`` to device j; concatenate what arrives along
+    ``gather_dim``: ``[.., N*c, .., g, ..] -> [.., c, .., N*g, ..]``. JAX transposes it to the
+    same all-to-all with the dims swapped."""
+    if x.size == 0:
+        shape = list(x.shape)
+        shape[scatter_dim] //= lax.axis_size(axis)
+        shape[gather_dim] *= lax.axis_size(axis)
+        return _empty(shape, x.dtype, axis, invariant=False)
+    return lax.all_to_all(x, axis, scatter_dim, gather_dim, tiled=True)

@@ -70,6 +70,28 @@ class JaxBackend(Backend):
     def gather(self, x: jax.Array, dim: int, group: AxisName, grad_rule: str) -> jax.Array:
         return autograd.gather(x, dim, group, grad_rule)
 
+    def reduce_scatter(self, x: jax.Array, dim: int, group: AxisName) -> jax.Array:
+        return autograd.reduce_scatter(x, dim, group)
+
+    def all_to_all(
+        self, x: jax.Array, scatter_dim: int, gather_dim: int, group: AxisName
+    ) -> jax.Array:
+        return autograd.all_to_all(x, scatter_dim, gather_dim, group)
+
+    def valid_mask(self, like: jax.Array, total: int, valid: int) -> jax.Array:
+        return jnp.arange(total) < valid
+
+    def attention(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        key_mask: jax.Array | None,
+        scale: float | None,
+    ) -> jax.Array:
+        mask = None if key_mask is None else key_mask.reshape(1, 1, 1, -1)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
     def pad_end(self, x: jax.Array, dim: int, pad: int, value: Any) -> jax.Array:
         config = [(0, 0, 0)] * x.ndim
         config[dim] = (0, pad, 0)

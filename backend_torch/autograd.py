@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 
-from .collectives import ProcessGroup, all_gather_along, local_chunk, reduce_scatter_along
+from .collectives import (
+    ProcessGroup,
+    all_gather_along,
+    all_to_all_along,
+    local_chunk,
+    reduce_scatter_along,
+)
 
 
 class _Shard(torch.autograd.Function):
@@ -48,6 +54,35 @@ class _GatherReduceScatterGrad(torch.autograd.Function):
         return reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
 
 
+class _ReduceScatter(torch.autograd.Function):
+    """Forward: sum over ranks, keep this rank's chunk. Backward: gather of the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return reduce_scatter_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: all-to-all (scatter_dim -> gather_dim). Backward: the same with dims swapped."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup | None
+    ) -> torch.Tensor:
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return all_to_all_along(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        scatter_dim, gather_dim = ctx.dims
+        return all_to_all_along(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
 def shard(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     return _Shard.apply(x, dim, group)
 
@@ -55,3 +90,13 @@ def shard(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor
 def gather(x: torch.Tensor, dim: int, group: ProcessGroup | None, grad_rule: str) -> torch.Tensor:
     fn = _GatherSliceGrad if grad_rule == "slice" else _GatherReduceScatterGrad
     return fn.apply(x, dim, group)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+    return _ReduceScatter.apply(x, dim, group)
+
+
+def all_to_all(
+    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup | None
+) -> torch.Tensor:
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)

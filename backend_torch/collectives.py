@@ -96,3 +96,27 @@ def check_consistent(func: str, x: torch.Tensor, dim: int, group: ProcessGroup |
         "every rank of the SP group must pass the same shape and dtype (pad variable-length "
         "sequences to one length with sp_shard_with_padding)."
     )
+
+
+def all_to_all_along(
+    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: ProcessGroup | None
+) -> torch.Tensor:
+    """Send chunk j of ``scatter_dim`` to rank j; concatenate what arrives along ``gather_dim``
+    in rank order: ``[.., N*c (scatter), .., g (gather), ..] -> [.., c, .., N*g, ..]``.
+
+    One ``all_to_all_single`` over bytes. Relayout copies only where the layout requires them:
+    none on the way in when the dims before ``scatter_dim`` are all 1, none on the way out when
+    the dims before ``gather_dim`` are all 1.
+    """
+    n = dist.get_world_size(group)
+    shape = list(x.shape)
+    chunk = shape[scatter_dim] // n
+    # Rank-major send buffer [N, ..., c, ...]: chunk j is contiguous block j.
+    send = x.reshape([*shape[:scatter_dim], n, chunk, *shape[scatter_dim + 1 :]])
+    send = send.movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(_as_flat_bytes(recv), _as_flat_bytes(send), group=group)
+    # recv[j] is rank j's chunk (shape with `chunk` at scatter_dim); lay them along gather_dim.
+    out_shape = list(send.shape[1:])
+    out_shape[gather_dim] *= n
+    return recv.movedim(0, gather_dim).reshape(out_shape)

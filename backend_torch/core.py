@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from sp_common.backend import Backend
 from sp_common.debug import debug_enabled
@@ -67,6 +68,31 @@ class TorchBackend(Backend):
 
     def gather(self, x: torch.Tensor, dim: int, group: Any, grad_rule: str) -> torch.Tensor:
         return autograd.gather(x, dim, group, grad_rule)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        return autograd.reduce_scatter(x, dim, group)
+
+    def all_to_all(
+        self, x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any
+    ) -> torch.Tensor:
+        return autograd.all_to_all(x, scatter_dim, gather_dim, group)
+
+    def valid_mask(self, like: torch.Tensor, total: int, valid: int) -> torch.Tensor:
+        return torch.arange(total, device=like.device) < valid
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float | None,
+    ) -> torch.Tensor:
+        mask = None if key_mask is None else key_mask.view(1, 1, 1, -1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+        )
+        return out.transpose(1, 2)
 
     def pad_end(self, x: torch.Tensor, dim: int, pad: int, value: Any) -> torch.Tensor:
         fill_shape = list(x.shape)

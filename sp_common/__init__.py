@@ -5,18 +5,24 @@
 
 from .api import sp_gather, sp_rank, sp_shard, sp_shard_with_padding, sp_unpad, sp_world_size
 from .debug import sp_debug
+from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
+from .ulysses import sp_padding_mask, sp_ulysses_attention
 from .validator import ShardingValidator, get_sharding_validator
 
 __all__ = [
     "ShardingValidator",
     "get_sharding_validator",
+    "sp_all_to_all",
     "sp_debug",
     "sp_gather",
     "sp_group",
+    "sp_padding_mask",
     "sp_rank",
+    "sp_reduce_scatter",
     "sp_shard",
     "sp_shard_with_padding",
+    "sp_ulysses_attention",
     "sp_unpad",
     "sp_world_size",
 ]

@@ -16,14 +16,20 @@ from .shapes import (
 T = TypeVar("T")
 
 
-def _prepare(
+def resolve(func: str, tensor: Any, group: Any) -> tuple[Backend, Any, int]:
+    """(backend, resolved group, world size) for one op on ``tensor``."""
+    backend = backend_for(func, tensor)
+    g = backend.resolve_group(func, group)
+    return backend, g, backend.world_size(g)
+
+
+def prepare(
     func: str, tensor: Any, dim: Any, group: Any
 ) -> tuple[Backend, tuple[int, ...], int, Any, int]:
-    backend = backend_for(func, tensor)
+    """(backend, shape, normalized dim, resolved group, world size) for one op on ``tensor``."""
+    backend, g, n = resolve(func, tensor, group)
     shape = backend.shape(tensor)
-    d = normalize_dim(func, dim, shape)
-    g = backend.resolve_group(func, group)
-    return backend, shape, d, g, backend.world_size(g)
+    return backend, shape, normalize_dim(func, dim, shape), g, n
 
 
 def sp_shard(tensor: T, dim: int, validate: bool = True, *, group: Any = None) -> T:
@@ -49,7 +55,7 @@ def sp_shard(tensor: T, dim: int, validate: bool = True, *, group: Any = None) -
             out of range, or ``tensor`` is 0-d.
         TypeError: ``tensor`` is not a supported tensor type.
     """
-    backend, shape, d, g, n = _prepare("sp_shard", tensor, dim, group)
+    backend, shape, d, g, n = prepare("sp_shard", tensor, dim, group)
     check_divisible("sp_shard", shape, d, n)
     if n == 1:
         return tensor
@@ -95,7 +101,7 @@ def sp_gather(
             "every rank computes the same loss after the gather, 'reduce_scatter' when ranks "
             "compute different terms of one loss."
         )
-    backend, shape, d, g, n = _prepare("sp_gather", tensor, dim, group)
+    backend, shape, d, g, n = prepare("sp_gather", tensor, dim, group)
     full_shape = (*shape[:d], shape[d] * n, *shape[d + 1 :])
     p = check_pad_size("sp_gather", pad_size, full_shape, d)
     if n > 1:
@@ -119,7 +125,7 @@ def sp_shard_with_padding(
     integer dtype, 300 for uint8, 1e6 for float16) raises ValueError. Undo the padding with
     ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`.
     """
-    backend, shape, d, g, n = _prepare("sp_shard_with_padding", tensor, dim, group)
+    backend, shape, d, g, n = prepare("sp_shard_with_padding", tensor, dim, group)
     kind, lo, hi, dtype_name = backend.dtype_info(tensor)
     check_pad_value("sp_shard_with_padding", pad_value, kind, lo, hi, dtype_name)
     if n == 1:

@@ -72,6 +72,25 @@ class Backend:
         slice (``"slice"``) or the reduce-scatter sum (``"reduce_scatter"``)."""
         raise NotImplementedError
 
+    def reduce_scatter(self, x: Any, dim: int, group: Any) -> Any:
+        """Sum over ranks, keep this rank's chunk of ``dim``. Backward: gather."""
+        raise NotImplementedError
+
+    def all_to_all(self, x: Any, scatter_dim: int, gather_dim: int, group: Any) -> Any:
+        """Chunk j of ``scatter_dim`` to rank j, received chunks concatenated along
+        ``gather_dim``. Backward: the all-to-all with the dims swapped."""
+        raise NotImplementedError
+
+    def valid_mask(self, like: Any, total: int, valid: int) -> Any:
+        """A bool vector of length ``total``, True at positions below ``valid``, on ``like``'s
+        device."""
+        raise NotImplementedError
+
+    def attention(self, q: Any, k: Any, v: Any, key_mask: Any, scale: float | None) -> Any:
+        """Softmax attention on ``[B, S, H, D]`` inputs; ``key_mask`` (bool ``[S]`` or None)
+        marks the keys that take part. Returns ``[B, S, H, D]``."""
+        raise NotImplementedError
+
     def pad_end(self, x: Any, dim: int, pad: int, value: Any) -> Any:
         """``x`` with ``pad`` elements of ``value`` appended along ``dim``."""
         raise NotImplementedError

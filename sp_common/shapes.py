@@ -54,15 +54,23 @@ def shard_bounds(size: int, world_size: int, rank: int) -> tuple[int, int]:
     return rank * length, length
 
 
-def check_divisible(func: str, shape: Sequence[int], dim: int, world_size: int) -> None:
-    """Raise ValueError unless ``shape[dim]`` splits into ``world_size`` equal chunks."""
+def check_divisible(
+    func: str, shape: Sequence[int], dim: int, world_size: int, hint: str | None = None
+) -> None:
+    """Raise ValueError unless ``shape[dim]`` splits into ``world_size`` equal chunks.
+
+    ``hint`` says what to do instead; the default points to padding the sequence."""
     size = shape[dim]
     if size % world_size:
+        if hint is None:
+            hint = (
+                f"use sp_shard_with_padding(tensor, dim={dim}) to pad it by "
+                f"{pad_size_for(size, world_size)} and remove the padding after sp_gather with "
+                "pad_size=..."
+            )
         raise ValueError(
             f"{func}: size {size} of dim {dim} (shape {tuple(shape)}) is not divisible by the "
-            f"sequence-parallel world size {world_size}; use sp_shard_with_padding(tensor, "
-            f"dim={dim}) to pad it by {pad_size_for(size, world_size)} and remove the padding "
-            "after sp_gather with pad_size=..."
+            f"sequence-parallel world size {world_size}; {hint}"
         )
 
 

@@ -62,3 +62,18 @@ def assert_bitwise(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert np.array_equal(bits(actual), bits(expected)), f"{what}: bits differ"
+
+
+def all_to_all(stacked: np.ndarray, scatter_dim: int, gather_dim: int) -> list[np.ndarray]:
+    """Rank r's all-to-all result when rank j holds ``stacked[j]``."""
+    n = stacked.shape[0]
+    chunks = [np.split(stacked[j], n, axis=scatter_dim) for j in range(n)]
+    return [np.concatenate([chunks[j][r] for j in range(n)], axis=gather_dim) for r in range(n)]
+
+
+def reduce_scatter(stacked: np.ndarray, dim: int) -> list[np.ndarray]:
+    """Rank r's chunk of the sum over ranks (summed in rank order)."""
+    total = stacked[0].copy()
+    for j in range(1, stacked.shape[0]):
+        total = total + stacked[j]
+    return np.split(total, stacked.shape[0], axis=dim)

@@ -162,3 +162,87 @@ def expect_error(fn_name: str, *args: Any, **kwargs: Any) -> str:
     except (ValueError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+def exchange(stacked: np.ndarray, scatter_dim: int, gather_dim: int, w: np.ndarray) -> dict:
+    """Rank r holds stacked[r]: all-to-all, its gradient under loss sum(out * w[r]), and the
+    reduce-scatter of stacked[r] along scatter_dim."""
+    from sp_common import sp_all_to_all, sp_reduce_scatter
+
+    r = dist.get_rank()
+    x = to_torch(stacked[r]).requires_grad_(stacked.dtype.kind == "f")
+    out = sp_all_to_all(x, scatter_dim, gather_dim)
+    result = {"a2a": to_numpy(out)}
+    if x.requires_grad:
+        (out * to_torch(w[r])).sum().backward()
+        result["a2a_grad"] = to_numpy(x.grad)
+    if stacked.dtype != np.bool_:
+        result["rs"] = to_numpy(sp_reduce_scatter(to_torch(stacked[r]), scatter_dim))
+    return result
+
+
+def reduce_scatter_gradient_is_gather(stacked: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Gradient of sum(reduce_scatter(x_r) * w[r]) summed over ranks, w.r.t. x_r."""
+    from sp_common import sp_reduce_scatter
+
+    x = to_torch(stacked[dist.get_rank()]).requires_grad_()
+    (sp_reduce_scatter(x, 1) * to_torch(w[dist.get_rank()])).sum().backward()
+    return to_numpy(x.grad)
+
+
+def ulysses(q: np.ndarray, k: np.ndarray, v: np.ndarray, w: np.ndarray) -> dict:
+    """Sharded Ulysses attention (padded when S is not divisible) against full attention,
+    forward and gradients, on every rank."""
+    import torch.nn.functional as F
+
+    from sp_common import sp_ulysses_attention
+
+    def full(q, k, v):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
+
+    seq_len = q.shape[1]
+    tq, tk, tv = (to_torch(a).requires_grad_() for a in (q, k, v))
+    shards = [sp_shard_with_padding(t, 1) for t in (tq, tk, tv)]
+    pad = shards[0][1]
+    out = sp_ulysses_attention(*(s for s, _ in shards), seq_len=seq_len)
+    out = sp_gather(out, 1, pad_size=pad)
+    (out * to_torch(w)).sum().backward()
+    rq, rk, rv = (to_torch(a).requires_grad_() for a in (q, k, v))
+    expected = full(rq, rk, rv)
+    (expected * to_torch(w)).sum().backward()
+    return {
+        "out": to_numpy(out),
+        "expected": to_numpy(expected),
+        "grads": [to_numpy(t.grad) for t in (tq, tk, tv)],
+        "expected_grads": [to_numpy(t.grad) for t in (rq, rk, rv)],
+        "local_mask": to_numpy(__import__("sp_common").sp_padding_mask(tq, seq_len)),
+    }
+
+
+def ulysses_compiled(q: np.ndarray) -> dict:
+    """torch.compile(fullgraph=True) over a padded Ulysses block, forward and backward."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from sp_common import sp_ulysses_attention
+
+    torch._dynamo.reset()
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        s, p = sp_shard_with_padding(t, 1)
+        return sp_gather(sp_ulysses_attention(s, s * 2, s, seq_len=t.shape[1]), 1, pad_size=p)
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    tc = to_torch(q).requires_grad_()
+    compiled(tc).sum().backward()
+    te = to_torch(q).requires_grad_()
+    ye = block(te)
+    ye.sum().backward()
+    return {
+        "frames": counter.frame_count,
+        "max_out_diff": float((compiled(to_torch(q)) - ye).abs().max()),
+        "max_grad_diff": float((tc.grad - te.grad).abs().max()),
+    }

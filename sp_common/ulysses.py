@@ -1,0 +1,94 @@
+"""Padding-aware masks and a portable Ulysses attention, written once over the primitives."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, TypeVar
+
+from .api import prepare, resolve, sp_shard
+from .shapes import pad_size_for
+
+T = TypeVar("T")
+
+
+def _check_seq_len(func: str, seq_len: object, upper: int | None) -> int:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+        raise TypeError(
+            f"{func}: seq_len must be an int, got {seq_len!r} of type {type(seq_len).__name__}; "
+            "pass the sequence length before padding."
+        )
+    if seq_len < 1 or (upper is not None and seq_len > upper):
+        bound = "at least 1" if upper is None else f"in [1, {upper}] (the padded length)"
+        raise ValueError(
+            f"{func}: seq_len={seq_len} must be {bound}; pass the sequence length before padding."
+        )
+    return int(seq_len)
+
+
+def sp_padding_mask(like: Any, seq_len: int, *, local: bool = True, group: Any = None) -> Any:
+    """Which positions of a sequence padded by :func:`sp_shard_with_padding` are real.
+
+    Shapes: ``local=True`` (default): ``[ceil(S / N)]``, this rank's chunk (all False on ranks
+    that hold only padding); ``local=False``: ``[ceil(S / N) * N]``, the whole padded sequence.
+    True marks a real position, False padding. ``like`` is any tensor of the framework (the mask
+    is created on its device); ``seq_len`` is S, the length before padding.
+    """
+    backend, g, n = resolve("sp_padding_mask", like, group)
+    seq_len = _check_seq_len("sp_padding_mask", seq_len, None)
+    mask = backend.valid_mask(like, seq_len + pad_size_for(seq_len, n), seq_len)
+    return sp_shard(mask, 0, group=g) if local else mask
+
+
+def sp_ulysses_attention(
+    q: T,
+    k: T,
+    v: T,
+    *,
+    seq_len: int | None = None,
+    scale: float | None = None,
+    group: Any = None,
+) -> T:
+    """Full softmax attention over a sequence sharded across the SP ranks (DeepSpeed-Ulysses).
+
+    Shapes, with N ranks, H heads and the padded length ``S_pad = N * s``::
+
+        q, k, v  [B, s, H, D]        sequence-sharded (each rank holds s tokens)
+        -> all-to-all (scatter heads, gather sequence)
+        q, k, v  [B, S_pad, H/N, D]  head-sharded, whole sequence
+        -> attention, keys at positions >= seq_len masked out
+        out      [B, S_pad, H/N, D]
+        -> all-to-all (scatter sequence, gather heads)
+        out      [B, s, H, D]        sequence-sharded again
+
+    ``seq_len`` is the length before :func:`sp_shard_with_padding` (default ``S_pad``: no
+    padding). Padded keys never take part, so the outputs at real positions equal unsharded
+    attention over the original ``seq_len`` tokens; outputs at padded positions are defined but
+    meaningless (drop them with ``sp_gather(..., pad_size=...)``). ``scale`` defaults to
+    ``1/sqrt(D)``. Differentiable in both backends (the all-to-all backward is the swapped
+    all-to-all). World size 1 is plain attention.
+
+    Raises:
+        ValueError: H is not divisible by N, q/k/v are not 4-d with equal ``[B, s, H]``, or
+            ``seq_len`` is outside ``[1, S_pad]``.
+    """
+    func = "sp_ulysses_attention"
+    backend, shape, _, g, n = prepare(func, q, 1, group)
+    shapes = [shape, backend.shape(k), backend.shape(v)]
+    if any(len(s) != 4 for s in shapes) or len({s[:3] for s in shapes}) != 1:
+        raise ValueError(
+            f"{func}: q, k, v must be [B, S/N, H, D] with equal B, S/N and H; got shapes "
+            f"{', '.join(map(str, shapes))}."
+        )
+    heads, padded = shape[2], shape[1] * n
+    if heads % n:
+        raise ValueError(
+            f"{func}: the head count {heads} is not divisible by the sequence-parallel world size "
+            f"{n}; Ulysses gives each rank H/N whole heads, so use a world size that divides "
+            f"{heads} (or ring attention)."
+        )
+    real = padded if seq_len is None else _check_seq_len(func, seq_len, padded)
+    if n > 1:
+        q, k, v = (backend.all_to_all(t, 2, 1, g) for t in (q, k, v))
+    key_mask = backend.valid_mask(q, padded, real) if real < padded else None
+    out = backend.attention(q, k, v, key_mask, scale)
+    return backend.all_to_all(out, 1, 2, g) if n > 1 else out
