@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sp_common.backend import Backend
 from sp_common.debug import debug_enabled
-from sp_common.groups import active_group, active_group_traceable
+from sp_common.groups import active_group, active_group_traceable, guard_identity
 from sp_common.shapes import DtypeKind
 
 from . import autograd, collectives
@@ -44,11 +44,13 @@ class TorchBackend(Backend):
         return "int", iinfo.min, iinfo.max, str(dt)
 
     def resolve_group(self, func: str, group: Any) -> dist.ProcessGroup | None:
+        compiling = torch.compiler.is_compiling()
         if group is None:
-            compiling = torch.compiler.is_compiling()
             group = active_group_traceable("torch") if compiling else active_group("torch")
             if group is None:
                 return default_group()
+        elif compiling:
+            group = guard_identity(group)
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"{func}: group must be a torch.distributed.ProcessGroup for a torch tensor, got "

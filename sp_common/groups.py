@@ -19,13 +19,16 @@ _ACTIVE: ContextVar[dict[str, Any] | None] = ContextVar("sp_common_active_groups
 
 
 class _ThreadMirror(threading.local):
-    """A per-thread copy of the active groups. torch.compile can trace a thread-local read (and
-    guards on it, recompiling when the block changes) but not ``ContextVar.get``."""
+    """A per-thread copy of the active groups, as int keys into ``_BY_KEY``. torch.compile can
+    trace a thread-local read but not ``ContextVar.get``; and it guards on an int it reads (so a
+    compiled function recompiles when the block changes) but not on a ProcessGroup object."""
 
-    groups: dict[str, Any] | None = None
+    keys: dict[str, int] | None = None
 
 
 _MIRROR = _ThreadMirror()
+# id(group) -> group for every group named in an sp_group block (groups are long-lived).
+_BY_KEY: dict[int, Any] = {}
 
 
 def framework_of_group(group: object) -> str:
@@ -51,14 +54,14 @@ def sp_group(group: Any) -> Iterator[None]:
         )
     framework = framework_of_group(group)
     current = _ACTIVE.get() or {}
-    updated = {**current, framework: group}
-    token, outer = _ACTIVE.set(updated), _MIRROR.groups
-    _MIRROR.groups = updated
+    _BY_KEY.setdefault(id(group), group)
+    token, outer = _ACTIVE.set({**current, framework: group}), _MIRROR.keys
+    _MIRROR.keys = {**(outer or {}), framework: id(group)}
     try:
         yield
     finally:
         _ACTIVE.reset(token)
-        _MIRROR.groups = outer
+        _MIRROR.keys = outer
 
 
 def active_group(framework: str) -> Any:
@@ -67,11 +70,19 @@ def active_group(framework: str) -> Any:
     return None if current is None else current.get(framework)
 
 
+def guard_identity(group: Any) -> Any:
+    """``group`` itself, looked up by ``id(group)`` so that torch.compile guards on its
+    identity: dynamo guards ``id()`` of an argument but not a ProcessGroup object, and would
+    otherwise reuse a graph traced for another group."""
+    return _BY_KEY.get(id(group), group)
+
+
 def active_group_traceable(framework: str) -> Any:
     """As :func:`active_group`, read from the per-thread mirror (for ``torch.compile`` tracing).
 
     Equal to :func:`active_group` except in asyncio tasks of one thread that interleave their
     ``sp_group`` blocks across ``await``.
     """
-    current = _MIRROR.groups
-    return None if current is None else current.get(framework)
+    keys = _MIRROR.keys
+    key = None if keys is None else keys.get(framework)
+    return None if key is None else _BY_KEY[key]

@@ -23,6 +23,21 @@ def test_torch_compile_fullgraph_traces_shard_padding_and_gather_with_no_graph_b
         assert result["grad_equal"]
 
 
+def test_a_compiled_function_follows_the_group_it_is_called_with(torch_ranks) -> None:
+    x = ref.make_input((8,), "float32", seed=8)
+    for rank, r in enumerate(torch_ranks(4).run(torch_tasks.compiled_group_switch, x)):
+        half = np.split(x, 2)[rank % 2]
+        world = np.split(x, 4)[rank]
+        for key, expected in [
+            ("arg_half", half),
+            ("arg_world", world),
+            ("block_half", half),
+            ("block_world", world),
+            ("no_block", world),
+        ]:
+            ref.assert_bitwise(r[key], expected, f"rank {rank} {key}")
+
+
 def test_sub_groups_by_argument_and_by_block_shard_within_each_group(torch_ranks) -> None:
     x = ref.make_input((8, 3), "float32", seed=6)
     results = torch_ranks(4).run(torch_tasks.subgroups, x)

@@ -246,3 +246,21 @@ def ulysses_compiled(q: np.ndarray) -> dict:
         "max_out_diff": float((compiled(to_torch(q)) - ye).abs().max()),
         "max_grad_diff": float((tc.grad - te.grad).abs().max()),
     }
+
+
+def compiled_group_switch(x: np.ndarray) -> dict:
+    """One compiled function called with the half-group and the world, by argument and by
+    sp_group block: each call must shard over the group it names (recompiling as needed)."""
+    n = dist.get_world_size()
+    halves = [dist.new_group(list(range(0, n // 2))), dist.new_group(list(range(n // 2, n)))]
+    mine = halves[dist.get_rank() // (n // 2)]
+    t = to_torch(x)
+    by_arg = torch.compile(lambda t, g: sp_shard(t, 0, group=g), fullgraph=True)
+    by_block = torch.compile(lambda t: sp_shard(t, 0), fullgraph=True)
+    out = {"arg_half": by_arg(t, mine), "arg_world": by_arg(t, dist.group.WORLD)}
+    with sp_group(mine):
+        out["block_half"] = by_block(t)
+    with sp_group(dist.group.WORLD):
+        out["block_world"] = by_block(t)
+    out["no_block"] = by_block(t)
+    return {k: to_numpy(v) for k, v in out.items()}

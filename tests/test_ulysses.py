@@ -1,0 +1,122 @@
+"""Ulysses attention: equal to full attention on the original length (forward and gradients of
+q, k, v) on torch gloo ranks and JAX devices, divisible or padded; torch and JAX agree; the padding
+mask; clear errors; and torch.compile with no graph break."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import sp_common as sp
+
+from . import reference as ref
+from . import torch_tasks
+from .jax_mesh import mesh_of, sharded, spec_on
+
+pytestmark = pytest.mark.timeout(300)
+B, H, D = 2, 8, 4
+
+
+def qkvw(seq_len: int) -> tuple[np.ndarray, ...]:
+    out = []
+    for seed in range(4):
+        a = ref.make_input((B, seq_len, H, D), "float32", seed=100 + seed)
+        a[~np.isfinite(a)] = 0.5
+        out.append(a)
+    return tuple(out)
+
+
+def jax_ulysses(n: int, q, k, v, w):
+    seq_len = q.shape[1]
+
+    def body(q, k, v, w):
+        shards = [sp.sp_shard_with_padding(t, 1) for t in (q, k, v)]
+        out = sp.sp_ulysses_attention(*(s for s, _ in shards), seq_len=seq_len)
+        out = sp.sp_gather(out, 1, pad_size=shards[0][1])
+        return out, (out * w).sum()
+
+    fn = sharded(body, n, (jax.P(),) * 4, (jax.P(), jax.P()))
+    with jax.set_mesh(mesh_of(n)):
+        out, _ = fn(q, k, v, w)
+        grads = jax.grad(lambda q, k, v: fn(q, k, v, w)[1], argnums=(0, 1, 2))(q, k, v)
+    return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("seq_len", [8, 10, 3])
+def test_ulysses_equals_full_attention_on_both_backends_and_they_agree(seq_len, torch_ranks):
+    q, k, v, w = qkvw(seq_len)
+    full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)  # noqa: E731
+    expected = np.asarray(full(q, k, v))
+    expected_grads = jax.grad(lambda *a: (full(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for n in (2, 4, 8):
+        out, grads = jax_ulysses(n, q, k, v, w)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6, err_msg=f"jax n={n}")
+        for g, e in zip(grads, expected_grads, strict=True):
+            np.testing.assert_allclose(g, np.asarray(e), rtol=1e-4, atol=1e-5)
+    for n in (2, 4):
+        for rank, r in enumerate(torch_ranks(n).run(torch_tasks.ulysses, q, k, v, w)):
+            where = f"torch n={n} rank={rank}"
+            np.testing.assert_allclose(r["out"], r["expected"], rtol=1e-5, atol=1e-6, err_msg=where)
+            for g, e in zip(r["grads"], r["expected_grads"], strict=True):
+                np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=where)
+            # torch and JAX on the same inputs, to float32 tolerance
+            np.testing.assert_allclose(r["out"], expected, rtol=1e-5, atol=1e-5, err_msg=where)
+            padded = -(-seq_len // n)
+            expected_mask = np.arange(padded * n)[rank * padded : (rank + 1) * padded] < seq_len
+            np.testing.assert_array_equal(r["local_mask"], expected_mask)
+
+
+def test_padding_mask_local_and_global_in_jax() -> None:
+    def body(a):
+        return sp.sp_padding_mask(a, 10), sp.sp_padding_mask(a, 10, local=False)
+
+    local, full = sharded(body, 4, (jax.P(),), (spec_on(0), jax.P()))(jnp.zeros(3))
+    expected = np.arange(12) < 10
+    np.testing.assert_array_equal(np.asarray(local), expected)
+    np.testing.assert_array_equal(np.asarray(full), expected)
+
+
+def test_padding_mask_at_world_size_one_is_all_true() -> None:
+    assert sp.sp_padding_mask(torch.zeros(1), 5).tolist() == [True] * 5
+
+
+def test_a_head_count_the_world_size_does_not_divide_is_a_clear_error() -> None:
+    x = jnp.zeros((1, 2, 6, 4))
+
+    def body(q):
+        return sp.sp_ulysses_attention(q, q, q)
+
+    with pytest.raises(ValueError, match=r"head count 6 is not divisible by .* world size 4"):
+        sharded(body, 4, (jax.P(),), jax.P())(x)
+
+
+@pytest.mark.parametrize("make", [torch.zeros, jnp.zeros], ids=["torch", "jax"])
+@pytest.mark.parametrize(
+    ("shapes", "kwargs", "message"),
+    [
+        ([(1, 4, 2, 3), (1, 4, 2), (1, 4, 2, 3)], {}, "must be \\[B, S/N, H, D\\]"),
+        ([(1, 4, 2, 3)] * 3, {"seq_len": 5}, "seq_len=5 must be in \\[1, 4\\]"),
+        ([(1, 4, 2, 3)] * 3, {"seq_len": 0}, "seq_len=0 must be"),
+    ],
+)
+def test_ulysses_rejects_bad_shapes_and_lengths(make, shapes, kwargs, message) -> None:
+    q, k, v = (make(s) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        sp.sp_ulysses_attention(q, k, v, **kwargs)
+
+
+def test_world_size_one_ulysses_is_masked_full_attention() -> None:
+    q, k, v, _ = qkvw(6)
+    out = sp.sp_ulysses_attention(*(jnp.asarray(t) for t in (q, k, v)), seq_len=4)
+    expected = jax.nn.dot_product_attention(q[:, :4], k[:, :4], v[:, :4])
+    np.testing.assert_allclose(np.asarray(out)[:, :4], np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_traces_a_padded_ulysses_block_in_one_graph(torch_ranks) -> None:
+    q = qkvw(10)[0]
+    for r in torch_ranks(2).run(torch_tasks.ulysses_compiled, q, timeout_s=280):
+        assert r["frames"] == 1
+        assert r["max_out_diff"] < 1e-5 and r["max_grad_diff"] < 1e-4
