@@ -6,6 +6,7 @@ import numbers
 from typing import Any, TypeVar
 
 from .api import prepare, resolve, sp_shard
+from .plan import active_run
 from .shapes import pad_size_for
 
 T = TypeVar("T")
@@ -60,12 +61,13 @@ def sp_ulysses_attention(
         -> all-to-all (scatter sequence, gather heads)
         out      [B, s, H, D]        sequence-sharded again
 
-    ``seq_len`` is the length before :func:`sp_shard_with_padding` (default ``S_pad``: no
-    padding). Padded keys never take part, so the outputs at real positions equal unsharded
-    attention over the original ``seq_len`` tokens; outputs at padded positions are defined but
-    meaningless (drop them with ``sp_gather(..., pad_size=...)``). ``scale`` defaults to
-    ``1/sqrt(D)``. Differentiable in both backends (the all-to-all backward is the swapped
-    all-to-all). World size 1 is plain attention.
+    ``seq_len`` is the length before :func:`sp_shard_with_padding`. By default it is the real
+    length of the sequence an applied SP plan padded to ``S_pad`` (see ``sp_common.plan``), else
+    ``S_pad`` (no padding). Padded keys never take part, so the outputs at real positions equal
+    unsharded attention over the original ``seq_len`` tokens; outputs at padded positions are
+    defined but meaningless (drop them with ``sp_gather(..., pad_size=...)``). ``scale``
+    defaults to ``1/sqrt(D)``. Differentiable in both backends (the all-to-all backward is the
+    swapped all-to-all). World size 1 is plain attention.
 
     Raises:
         ValueError: H is not divisible by N, q/k/v are not 4-d with equal ``[B, s, H]``, or
@@ -86,7 +88,12 @@ def sp_ulysses_attention(
             f"{n}; Ulysses gives each rank H/N whole heads, so use a world size that divides "
             f"{heads} (or ring attention)."
         )
-    real = padded if seq_len is None else _check_seq_len(func, seq_len, padded)
+    if seq_len is None:
+        run = active_run()
+        found = None if run is None else run.sequence_length(padded, n)
+        real = padded if found is None else found
+    else:
+        real = _check_seq_len(func, seq_len, padded)
     if n > 1:
         q, k, v = (backend.all_to_all(t, 2, 1, g) for t in (q, k, v))
     key_mask = backend.valid_mask(q, padded, real) if real < padded else None

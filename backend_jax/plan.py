@@ -1,0 +1,117 @@
+"""Apply an SPPlan to a JAX function: a transform that wraps it in ``shard_map``."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from sp_common.plan import (
+    GatherOutput,
+    PlanError,
+    PlanRun,
+    ShardInput,
+    SPPlan,
+    active_run,
+    begin_run,
+    end_run,
+)
+
+
+def _is_array_tree(value: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(value)
+    return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+
+
+def apply_plan(
+    fn: Callable[..., Any], plan: SPPlan, mesh: jax.sharding.Mesh, *, check_vma: bool = True
+) -> Callable[..., Any]:
+    """``fn`` wrapped in ``jax.shard_map`` over ``mesh``, sharding and gathering what ``plan``
+    names on ``fn``'s own arguments and outputs (plan path ``""``).
+
+    Every argument that is an array (or a pytree of arrays, such as parameters) enters
+    replicated (``P()``); other arguments are static. The ShardInput arguments are sharded on
+    the SP axis (``"sp"``, or the active ``sp_group``), ``fn`` runs per device, and the
+    GatherOutput outputs are gathered; the result is replicated (``out_specs=P()``), so every
+    output must be gathered or device-invariant. Works under ``jit`` and ``grad`` (enter
+    ``jax.set_mesh(mesh)`` to differentiate on jax 0.10's Explicit meshes). A Flax NNX module
+    can be passed as ``fn`` through a pure function of its state.
+    """
+    specs = plan.specs()
+    others = sorted(p for p in specs if p != "")
+    if others:
+        raise PlanError(
+            f"apply_plan: plan paths {others}: a JAX plan shards the function's own arguments and "
+            "gathers its own outputs (path ''); JAX functions have no submodule hooks."
+        )
+    shards = [s for s in specs.get("", ()) if isinstance(s, ShardInput)]
+    gathers = [s for s in specs.get("", ()) if isinstance(s, GatherOutput)]
+    signature = inspect.signature(fn)
+    names = list(signature.parameters)
+    keys = []
+    for spec in shards:
+        if isinstance(spec.arg, int):
+            if not 0 <= spec.arg < len(names):
+                raise PlanError(
+                    f"apply_plan: {fn.__name__} has no argument at position {spec.arg}."
+                )
+            keys.append(names[spec.arg])
+        elif spec.arg not in names:
+            raise PlanError(
+                f"apply_plan: {fn.__name__} has no argument {spec.arg!r}; its arguments are "
+                f"{names}."
+            )
+        else:
+            keys.append(spec.arg)
+
+    @functools.wraps(fn)
+    def planned(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for key, spec in zip(keys, shards, strict=True):
+            if bound.arguments.get(key) is None:
+                raise PlanError(
+                    f"<model> input {spec.arg!r}: the plan shards it, but the call did not pass "
+                    "it (or passed None)."
+                )
+        arrays = {k: v for k, v in bound.arguments.items() if _is_array_tree(v)}
+
+        def body(arrays: dict[str, Any]) -> Any:
+            outer = begin_run()
+            try:
+                arguments = {**bound.arguments, **arrays}
+                run = active_run()
+                assert run is not None  # begin_run just set it
+                for key, spec in zip(keys, shards, strict=True):
+                    arguments[key] = run.shard("", spec, arguments[key])
+                call = inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
+                out = fn(*call.args, **call.kwargs)
+                for spec in gathers:
+                    out = _gather_output(run, spec, out)
+            except BaseException:
+                end_run(outer, check=False)
+                raise
+            end_run(outer)
+            return out
+
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(),), out_specs=P(), check_vma=check_vma)
+        return mapped(arrays)
+
+    return planned
+
+
+def _gather_output(run: PlanRun, spec: GatherOutput, out: Any) -> Any:
+    if spec.index is None:
+        return run.gather("", spec, out)
+    if not isinstance(out, (tuple, list)) or not -len(out) <= spec.index < len(out):
+        raise PlanError(
+            f"<model> output[{spec.index}]: the output is {type(out).__name__}; fix "
+            "GatherOutput.index."
+        )
+    items = list(out)
+    items[spec.index] = run.gather("", spec, items[spec.index])
+    return type(out)(items)

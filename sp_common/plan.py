@@ -1,0 +1,198 @@
+"""Sequence-parallel plans: which inputs to shard and which outputs to gather, as plain data.
+
+A plan is applied from outside the model (torch: ``backend_torch.plan.apply_plan`` with module
+hooks; JAX: ``backend_jax.plan.apply_plan``, a ``shard_map`` transform). Nothing in a plan is
+ever skipped: a tensor whose ndim differs from the plan, a planned input that is missing, or a
+shard never gathered raises :class:`PlanError` naming the module path, the argument and the
+shapes. Shards and gathers pair by ``name``; padding added by a shard is removed by the gather of
+the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .api import sp_gather, sp_shard, sp_shard_with_padding
+from .backend import backend_for
+from .shapes import pad_size_for
+
+
+class PlanError(ValueError):
+    """A plan does not match the model or the tensors it sees."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInput:
+    """Shard input ``arg`` (a parameter name, or a position) on ``dim`` before the module runs.
+
+    Shapes: ``[.., S, ..] -> [.., S/N, ..]`` (``pad=True``: ``[.., ceil(S/N), ..]``, the padding
+    removed by the :class:`GatherOutput` with the same ``name``). ``ndim``, when given, is the
+    input's expected number of dims.
+    """
+
+    arg: str | int
+    dim: int
+    ndim: int | None = None
+    pad: bool = False
+    pad_value: float = 0.0
+    name: str = "sequence"
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherOutput:
+    """Gather the module's output (or element ``index`` of a tuple output) on ``dim``.
+
+    Shapes: ``[.., s, ..] -> [.., N*s - pad, ..]`` where ``pad`` is what the shard of the same
+    ``name`` added. ``ndim``, when given, is the output's expected number of dims.
+    """
+
+    dim: int
+    index: int | None = None
+    ndim: int | None = None
+    name: str = "sequence"
+
+
+Spec = ShardInput | GatherOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class SPPlan:
+    """Module path -> the shards and gathers applied there.
+
+    ``""`` is the model itself; ``"blocks.*"`` is every child of ``blocks`` (a list of blocks);
+    a single spec may stand for a one-element tuple::
+
+        SPPlan({
+            "patch_embed": ShardInput("x", dim=1, pad=True),
+            "proj_out": GatherOutput(dim=1),
+        })
+    """
+
+    entries: Mapping[str, Spec | Sequence[Spec]]
+
+    def __post_init__(self) -> None:
+        normalized: dict[str, tuple[Spec, ...]] = {}
+        for path, specs in dict(self.entries).items():
+            group = (specs,) if isinstance(specs, (ShardInput, GatherOutput)) else tuple(specs)
+            for spec in group:
+                if not isinstance(spec, (ShardInput, GatherOutput)):
+                    raise TypeError(
+                        f"SPPlan: entry {path!r} holds {spec!r}; use ShardInput(...) or "
+                        "GatherOutput(...)."
+                    )
+            normalized[path] = group
+        object.__setattr__(self, "entries", normalized)
+        sharded = {
+            s.name for specs in normalized.values() for s in specs if isinstance(s, ShardInput)
+        }
+        gathered = {
+            s.name for specs in normalized.values() for s in specs if isinstance(s, GatherOutput)
+        }
+        if sharded != gathered:
+            raise PlanError(
+                f"SPPlan: names sharded but never gathered: {sorted(sharded - gathered)}; "
+                f"gathered but never sharded: {sorted(gathered - sharded)}; give every "
+                "ShardInput a GatherOutput with the same name."
+            )
+
+    def specs(self) -> Mapping[str, tuple[Spec, ...]]:
+        return self.entries  # type: ignore[return-value]
+
+
+class PlanRun:
+    """One forward pass under a plan: pads and lengths by name, and which names are open."""
+
+    def __init__(self) -> None:
+        self.pads: dict[str, int] = {}
+        self.lengths: dict[str, int] = {}
+        self.open: dict[str, str] = {}  # name -> where it was sharded
+
+    def shard(self, path: str, spec: ShardInput, value: Any) -> Any:
+        """Shard ``value`` (the input ``spec.arg`` of module ``path``) as the plan says."""
+        where = f"{path or '<model>'} input {spec.arg!r}"
+        shape = _checked_shape(where, value, spec.ndim)
+        if spec.pad:
+            out, pad = sp_shard_with_padding(value, spec.dim, spec.pad_value)
+        else:
+            out, pad = sp_shard(value, spec.dim), 0
+        self.pads[spec.name] = pad
+        self.lengths[spec.name] = shape[spec.dim]
+        self.open[spec.name] = where
+        return out
+
+    def gather(self, path: str, spec: GatherOutput, value: Any) -> Any:
+        """Gather ``value`` (an output of module ``path``), removing the padding of its name."""
+        where = f"{path or '<model>'} output" + ("" if spec.index is None else f"[{spec.index}]")
+        _checked_shape(where, value, spec.ndim)
+        if spec.name not in self.pads:
+            raise PlanError(
+                f"{where}: gathers {spec.name!r}, which no ShardInput has sharded in this forward "
+                "pass; check the order of the modules in the plan."
+            )
+        out = sp_gather(value, spec.dim, pad_size=self.pads[spec.name])
+        self.open.pop(spec.name, None)
+        return out
+
+    def finish(self) -> None:
+        """Raise if a name sharded in this forward pass was not gathered."""
+        if self.open:
+            listing = ", ".join(f"{name!r} (sharded at {w})" for name, w in self.open.items())
+            raise PlanError(
+                f"SP plan: sharded but never gathered in this forward pass: {listing}; the "
+                "module that gathers it did not run."
+            )
+
+    def sequence_length(self, padded: int, world_size: int) -> int | None:
+        """The real length of the one sharded sequence whose padded length is ``padded``."""
+        found = {n for n in self.lengths.values() if n + pad_size_for(n, world_size) == padded}
+        return found.pop() if len(found) == 1 else None
+
+
+class _Active(threading.local):
+    """The plan run of the forward pass in progress on this thread (a thread-local so that
+    torch.compile can trace it)."""
+
+    run: PlanRun | None = None
+
+
+_ACTIVE = _Active()
+
+
+def begin_run() -> PlanRun | None:
+    """Start a plan run; return the outer one (restore it with :func:`end_run`)."""
+    outer = _ACTIVE.run
+    _ACTIVE.run = PlanRun()
+    return outer
+
+
+def active_run() -> PlanRun | None:
+    return _ACTIVE.run
+
+
+def end_run(outer: PlanRun | None, check: bool = True) -> None:
+    """Finish the active run (raising if a name is still open when ``check``) and restore
+    ``outer``."""
+    run, _ACTIVE.run = _ACTIVE.run, outer
+    if check and run is not None:
+        run.finish()
+
+
+def _checked_shape(where: str, value: Any, ndim: int | None) -> tuple[int, ...]:
+    if value is None:
+        raise PlanError(f"{where}: the plan shards or gathers it, but it is None (missing).")
+    try:
+        shape = backend_for("SP plan", value).shape(value)
+    except TypeError as e:
+        raise PlanError(
+            f"{where}: expected a tensor, got {type(value).__name__}; fix the plan's argument "
+            "name or index."
+        ) from e
+    if ndim is not None and len(shape) != ndim:
+        raise PlanError(
+            f"{where}: the plan expects a {ndim}-d tensor, got shape {shape}; fix the plan or "
+            "the input."
+        )
+    return shape
