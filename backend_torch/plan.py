@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.hooks import RemovableHandle
 
 from sp_common.plan import (
@@ -62,29 +63,44 @@ def _expand(model: torch.nn.Module, path: str) -> Iterator[tuple[str, torch.nn.M
 
 
 def _shard_hook(path: str, module: torch.nn.Module, specs: list[ShardInput]) -> Any:
-    signature = inspect.signature(module.forward)
-    names = list(signature.parameters)
+    """A pre-hook that shards the planned inputs, found in args or kwargs. The argument
+    positions come from ``forward``'s signature here, at registration: binding in the hook
+    itself (``Signature.bind``) would break torch.compile's graph."""
+    params = inspect.signature(module.forward).parameters
+    names = list(params)
+    positional = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    where: list[tuple[ShardInput, str, int | None]] = []  # (spec, name, position or None)
     for spec in specs:
-        if isinstance(spec.arg, str) and spec.arg not in names:
+        name = spec.arg if isinstance(spec.arg, str) else None
+        if name is None and 0 <= int(spec.arg) < len(positional):
+            name = positional[int(spec.arg)]
+        if name is None or name not in names:
             raise PlanError(
                 f"apply_plan: {path or '<model>'}.forward has no argument {spec.arg!r}; its "
                 f"arguments are {names}."
             )
+        where.append((spec, name, positional.index(name) if name in positional else None))
 
     def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         run = active_run()
         if run is None:
             raise PlanError(f"{path}: a planned submodule ran outside its model's forward pass.")
-        bound = signature.bind(*args, **kwargs)
-        for spec in specs:
-            key = spec.arg if isinstance(spec.arg, str) else names[spec.arg]
-            if key not in bound.arguments:
+        args, kwargs = list(args), dict(kwargs)
+        for spec, name, position in where:
+            if position is not None and position < len(args):
+                args[position] = run.shard(path, spec, args[position])
+            elif name in kwargs:
+                kwargs[name] = run.shard(path, spec, kwargs[name])
+            else:
                 raise PlanError(
                     f"{path or '<model>'} input {spec.arg!r}: the plan shards it, but the call "
-                    f"did not pass it (got {sorted(bound.arguments)})."
+                    f"did not pass it ({len(args)} positional, keywords {sorted(kwargs)})."
                 )
-            bound.arguments[key] = run.shard(path, spec, bound.arguments[key])
-        return tuple(bound.args), dict(bound.kwargs)
+        return tuple(args), kwargs
 
     return hook
 
@@ -154,3 +170,22 @@ def apply_plan(model: torch.nn.Module, plan: SPPlan) -> AppliedPlan:
             raise
         raise PlanError(f"apply_plan: registering the plan failed: {e}") from e
     return AppliedPlan(handles)
+
+
+def all_reduce_grads(model: torch.nn.Module, group: Any = None) -> None:
+    """Sum every parameter gradient of ``model`` over the SP group, in place.
+
+    Under a plan each rank runs the replicated parameters on its own tokens only, so after
+    ``backward()`` a parameter's gradient holds this rank's share; the sum over the SP group is
+    the single-device gradient (JAX's ``shard_map`` does this sum by itself). Call it after
+    ``backward()`` and before the optimizer step, as DDP does over data-parallel ranks.
+    ``group`` as in ``sp_shard`` (default: the active ``sp_group``, else the default group).
+    """
+    from sp_common.api import resolve
+
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        _, g, n = resolve("all_reduce_grads", param.grad, group)
+        if n > 1:
+            dist.all_reduce(param.grad, group=g)

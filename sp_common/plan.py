@@ -151,31 +151,28 @@ class PlanRun:
         return found.pop() if len(found) == 1 else None
 
 
-class _Active(threading.local):
-    """The plan run of the forward pass in progress on this thread (a thread-local so that
-    torch.compile can trace it)."""
-
-    run: PlanRun | None = None
-
-
-_ACTIVE = _Active()
+# The plan run of the forward pass in progress on this thread: a plain thread-local (not a
+# ContextVar, nor a threading.local subclass with class defaults) so that torch.compile traces
+# its reads and writes.
+_ACTIVE = threading.local()
 
 
 def begin_run() -> PlanRun | None:
     """Start a plan run; return the outer one (restore it with :func:`end_run`)."""
-    outer = _ACTIVE.run
+    outer = active_run()
     _ACTIVE.run = PlanRun()
     return outer
 
 
 def active_run() -> PlanRun | None:
-    return _ACTIVE.run
+    return getattr(_ACTIVE, "run", None)
 
 
 def end_run(outer: PlanRun | None, check: bool = True) -> None:
     """Finish the active run (raising if a name is still open when ``check``) and restore
     ``outer``."""
-    run, _ACTIVE.run = _ACTIVE.run, outer
+    run = active_run()
+    _ACTIVE.run = outer
     if check and run is not None:
         run.finish()
 
