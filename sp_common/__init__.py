@@ -7,11 +7,17 @@ from .api import sp_gather, sp_rank, sp_shard, sp_shard_with_padding, sp_unpad, 
 from .debug import sp_debug
 from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
+from .plan import GatherOutput, PlanError, ShardInput, SPPlan, apply_plan
 from .ulysses import sp_padding_mask, sp_ulysses_attention
 from .validator import ShardingValidator, get_sharding_validator
 
 __all__ = [
+    "GatherOutput",
+    "PlanError",
+    "SPPlan",
+    "ShardInput",
     "ShardingValidator",
+    "apply_plan",
     "get_sharding_validator",
     "sp_all_to_all",
     "sp_debug",

@@ -11,6 +11,7 @@ the same name.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -193,3 +194,31 @@ def _checked_shape(where: str, value: Any, ndim: int | None) -> tuple[int, ...]:
             "the input."
         )
     return shape
+
+
+def apply_plan(target: Any, plan: SPPlan, *, mesh: Any = None, **options: Any) -> Any:
+    """Apply ``plan`` to a torch ``nn.Module`` (module hooks; returns a handle whose
+    ``remove()`` undoes it) or, with ``mesh``, to a JAX function (returns the planned function).
+
+    See ``backend_torch.plan.apply_plan`` and ``backend_jax.plan.apply_plan``.
+    """
+    if "torch" in sys.modules:
+        import torch
+
+        if isinstance(target, torch.nn.Module):
+            if mesh is not None or options:
+                raise TypeError(
+                    "apply_plan: a torch module takes no mesh or options; the SP group comes "
+                    "from sp_group(...) or the default process group."
+                )
+            from backend_torch.plan import apply_plan as apply_torch
+
+            return apply_torch(target, plan)
+    if mesh is not None and callable(target):
+        from backend_jax.plan import apply_plan as apply_jax
+
+        return apply_jax(target, plan, mesh, **options)
+    raise TypeError(
+        f"apply_plan: target is {type(target).__name__}; pass a torch.nn.Module, or a JAX "
+        "function together with mesh=..."
+    )

@@ -221,3 +221,19 @@ def test_jax_plan_checks_ndim_and_argument_names() -> None:
     )
     with pytest.raises(PlanError, match=r"expects a 3-d tensor, got shape \(4, 2\)"):
         planned(jnp.zeros((4, 2)))
+
+
+def test_sp_common_apply_plan_dispatches_on_the_target() -> None:
+    import sp_common
+
+    model = TwoOutputs()
+    plan = SPPlan({"": (ShardInput("x", dim=1), GatherOutput(dim=1, index=0))})
+    handle = sp_common.apply_plan(model, plan)
+    assert model._forward_hooks
+    handle.remove()
+    planned = sp_common.apply_plan(
+        lambda x: x * 2, SPPlan({"": (ShardInput("x", 0), GatherOutput(0))}), mesh=mesh_of(2)
+    )
+    np.testing.assert_array_equal(np.asarray(planned(jnp.arange(4.0))), np.arange(4.0) * 2)
+    with pytest.raises(TypeError, match="apply_plan: target is int"):
+        sp_common.apply_plan(3, plan)
