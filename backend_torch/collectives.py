@@ -68,6 +68,41 @@ def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) 
     return out
 
 
+# The dtypes gloo's reduce kernels can sum (complex through a real view). Bit-moving collectives
+# take any dtype; a gloo reduce of another one (float8, int16, uint16/32/64) fails inside C++.
+GLOO_SUM_DTYPES = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+    }
+)
+
+
+def check_summable(func: str, x: torch.Tensor, group: ProcessGroup | None) -> None:
+    """Raise TypeError, before any communication, when ``group`` sums ``x``'s device through gloo
+    and gloo cannot sum ``x``'s dtype. Every rank passes the same dtype, so every rank raises.
+    Other backends (NCCL) are left to sum what they support."""
+    if x.dtype in GLOO_SUM_DTYPES:
+        return
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo" or "cpu:gloo,cuda:nccl"
+    per_device = {dev: name for dev, _, name in (item.partition(":") for item in config.split(","))}
+    if per_device.get(x.device.type) == "gloo":
+        raise TypeError(
+            f"{func}: the gloo process group cannot sum dtype {x.dtype} (it sums float16, "
+            "bfloat16, float32, float64, complex64, complex128, int8, uint8, int32 and int64); "
+            "cast the tensor first, e.g. tensor.to(torch.float32) or tensor.to(torch.bfloat16), "
+            "and cast the result back."
+        )
+
+
 _META_SLOTS = 16
 
 

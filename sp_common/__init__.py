@@ -7,6 +7,7 @@ from .api import sp_gather, sp_rank, sp_shard, sp_shard_with_padding, sp_unpad, 
 from .debug import sp_debug
 from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
+from .interop import jax_to_torch, torch_to_jax
 from .plan import GatherOutput, PlanError, ShardInput, SPPlan, apply_plan
 from .ulysses import sp_padding_mask, sp_ulysses_attention
 from .validator import ShardingValidator, get_sharding_validator
@@ -19,6 +20,7 @@ __all__ = [
     "ShardingValidator",
     "apply_plan",
     "get_sharding_validator",
+    "jax_to_torch",
     "sp_all_to_all",
     "sp_debug",
     "sp_gather",
@@ -31,6 +33,7 @@ __all__ = [
     "sp_ulysses_attention",
     "sp_unpad",
     "sp_world_size",
+    "torch_to_jax",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,720 @@
+"""Bad input to every public function, on both backends and at world sizes 1 and 2: each case
+raises one specific exception type whose message names the function and the value, identically
+on every rank; none hangs, kills a process or returns wrong data. Inputs that look bad but are
+valid (empty sequences, sequences shorter than N, dtypes gloo cannot sum) must work and be
+bitwise right.
+
+torch: world size 1 in this process (no process group), 2 on the session's gloo pool. JAX: world
+size 1 outside ``shard_map``, 2 traced inside it (where the errors raise at trace time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import sp_common as sp
+
+from . import bad_input_tasks as tasks
+from . import reference as ref
+from .bad_input_tasks import Foreign, Module
+from .bad_input_tasks import Tensor as T
+from .jax_mesh import mesh_of, sharded, spec_on
+
+pytestmark = pytest.mark.timeout(120)
+
+# Bugs found by this table; each case marked with one fails today (xfail strict=True).
+BUG_ULYSSES_KV_TYPES = (
+    "sp_ulysses_attention type-checks q only: a k or v that is not a tensor of q's framework "
+    "raises AttributeError or a framework error (JAX even converts numpy/torch silently)"
+)
+BUG_ULYSSES_DTYPES = (
+    "sp_ulysses_attention checks only [B, s, H]: int/bool/complex dtypes, mixed q/k/v dtypes, "
+    "a k head size unlike q's and a non-number scale reach the attention kernel (torch "
+    "RuntimeError/TypeError, JAX ValueError or a silent integer attention), naming no function"
+)
+BUG_SP_GROUP = (
+    "sp_group accepts any object: a torch op then raises naming the op, not sp_group, and a JAX "
+    "op silently ignores a non-axis group (a list of axis names) and uses the axis 'sp'"
+)
+BUG_SP_DEBUG = "sp_debug takes any truthy object: sp_debug('off') turns the cross-rank checks on"
+BUG_PAD_INF = (
+    "pad_value=inf is accepted for float8_e4m3fn, which has no infinity: torch pads 448.0, JAX "
+    "NaN, so the two backends also disagree"
+)
+BUG_VALIDATOR_NAMES = (
+    "ShardingValidator.shard reports its argument errors as sp_shard's, naming a function the "
+    "user did not call"
+)
+BUG_PLAN_TYPES = (
+    "the plan classes check types only in part: SPPlan(42) and SPPlan({'x': 3}) raise Python's "
+    "own 'not iterable', SPPlan({'x': 'nope'}) reports the entry as 'n', ShardInput/GatherOutput "
+    "accept any dim (the error comes at the first forward, naming sp_shard), and apply_plan of "
+    "a dict raises PlanError('registering the plan failed: ... no attribute specs')"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """``CALLS[call](*args, **kwargs)`` must raise ``error`` with a message containing one of
+    ``names`` (the function) and every string of ``says`` (the value, the limits)."""
+
+    label: str
+    call: str
+    args: tuple[Any, ...]
+    error: type[Exception]
+    says: tuple[str, ...]
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    worlds: tuple[int, ...] = (1, 2)
+    backends: tuple[str, ...] = ("torch", "jax")
+    bugs: dict[str, str] = dataclasses.field(default_factory=dict)  # backend ("*": all) -> bug
+
+    def function_names(self) -> tuple[str, ...]:
+        return self.names or (self.call.split(" ")[0],)
+
+
+TENSOR_FUNCTIONS: list[tuple[str, tuple[Any, ...], tuple[str, ...]]] = [
+    # call, arguments after the tensor, names the message may use
+    ("sp_shard", (0,), ()),
+    ("sp_gather", (0,), ()),
+    ("sp_shard_with_padding", (0,), ()),
+    ("sp_unpad", (0, 0), ()),
+    ("sp_all_to_all", (0, 0), ()),
+    ("sp_reduce_scatter", (0,), ()),
+    ("ShardingValidator.shard", ("h", 0), ("ShardingValidator.shard", "sp_shard")),
+    ("ShardingValidator.gather", ("h", 0), ("ShardingValidator.gather", "sp_gather")),
+]
+X = T((2, 4))  # a float32 tensor every rank can shard on dim 1 at world sizes 1 and 2
+Q = T((1, 4, 2, 3))  # Ulysses [B, s, H, D]
+
+
+def wrong_type_cases() -> list[Case]:
+    wrong = [([1.0, 2.0], "builtins.list"), (np.ones(4), "numpy.ndarray"), (3.0, "builtins.float")]
+    cases = []
+    for value, shown in wrong:
+        label = shown.split(".")[1]
+        calls = [(c, (value, *rest), names) for c, rest, names in TENSOR_FUNCTIONS]
+        calls += [
+            ("sp_padding_mask", (value, 4), ()),
+            ("sp_world_size", (value,), ()),
+            ("sp_rank", (value,), ()),
+            ("sp_ulysses_attention", (value, Q, Q), ()),
+        ]
+        for call, args, names in calls:
+            says = ("must be a torch.Tensor or jax.Array", shown)
+            cases.append(Case(f"{label} tensor", call, args, TypeError, says, names=names))
+        for slot in ("k", "v"):
+            args = (Q, value, Q) if slot == "k" else (Q, Q, value)
+            says = (shown,)
+            bugs = {"*": BUG_ULYSSES_KV_TYPES}
+            cases.append(
+                Case(f"{label} {slot}", "sp_ulysses_attention", args, TypeError, says, bugs=bugs)
+            )
+    return cases
+
+
+def zero_d_and_dim_cases() -> list[Case]:
+    cases = []
+    for call, rest, names in TENSOR_FUNCTIONS:
+        args = (T(()), *rest)
+        cases.append(Case("0-d tensor", call, args, ValueError, ("tensor is 0-d",), names=names))
+        dim_at = 2 if call.startswith("ShardingValidator") else 1
+        for bad_dim in (2, -3):
+            args = list((X, *rest))
+            args[dim_at] = bad_dim
+            says = (f"dim={bad_dim} is out of range", "(2, 4)")
+            cases.append(Case(f"dim {bad_dim}", call, tuple(args), ValueError, says, names=names))
+        for bad_dim, shown in ((1.0, "got 1.0"), ("1", "got '1'"), (True, "got True")):
+            args = list((X, *rest))
+            args[dim_at] = bad_dim
+            says = ("dim must be an int", shown)
+            label = f"dim {type(bad_dim).__name__}"
+            cases.append(Case(label, call, tuple(args), TypeError, says, names=names))
+    cases += [
+        Case("0-d q", "sp_ulysses_attention", (T(()), Q, Q), ValueError, ("tensor is 0-d",)),
+        Case("gather_dim 2", "sp_all_to_all", (X, 0, 2), ValueError, ("dim=2 is out of range",)),
+        Case("gather_dim None", "sp_all_to_all", (X, 0, None), TypeError, ("got None",)),
+        Case(
+            "validator names itself",
+            "ShardingValidator.shard",
+            (X, "h", 2),
+            ValueError,
+            ("dim=2",),
+            bugs={"*": BUG_VALIDATOR_NAMES},
+        ),
+    ]
+    return cases
+
+
+def divisibility_cases() -> list[Case]:
+    """World size 2: sizes 2 does not divide."""
+    odd = T((2, 5))
+    says = ("size 5 of dim 1", "world size 2")
+    cases = [
+        Case("S=5", "sp_shard", (odd, 1), ValueError, (*says, "sp_shard_with_padding")),
+        Case("S=5 scatter dim", "sp_all_to_all", (odd, 1, 0), ValueError, says),
+        Case("S=5", "sp_reduce_scatter", (odd, 1), ValueError, says),
+        Case(
+            "S=5",
+            "ShardingValidator.shard (in track)",
+            (odd, "h", 1),
+            ValueError,
+            says,
+            names=("ShardingValidator.shard", "sp_shard"),
+        ),
+        Case(
+            "S=5 padded outside track",
+            "ShardingValidator.shard",
+            (odd, "h", 1),
+            ValueError,
+            ("'h' needed 1 elements of padding", "track()"),
+            kwargs={"validate_divisible": False},
+        ),
+        Case(
+            "3 heads",
+            "sp_ulysses_attention",
+            (T((1, 4, 3, 2)),) * 3,
+            ValueError,
+            ("head count 3", "world size 2"),
+        ),
+    ]
+    return [dataclasses.replace(c, worlds=(2,)) for c in cases]
+
+
+def argument_cases() -> list[Case]:
+    pad = "sp_shard_with_padding"
+    cases = [
+        # pad_size on gathers and sp_unpad
+        Case(
+            "pad_size -1",
+            "sp_gather",
+            (X, 1),
+            ValueError,
+            ("pad_size=-1 is outside",),
+            {"pad_size": -1},
+        ),
+        Case(
+            "pad_size 99",
+            "sp_gather",
+            (X, 1),
+            ValueError,
+            ("pad_size=99 is outside",),
+            {"pad_size": 99},
+        ),
+        Case(
+            "pad_size 1.0",
+            "sp_gather",
+            (X, 1),
+            TypeError,
+            ("pad_size must be an int", "1.0"),
+            {"pad_size": 1.0},
+        ),
+        Case(
+            "pad_size True",
+            "sp_gather",
+            (X, 1),
+            TypeError,
+            ("pad_size must be an int", "True"),
+            {"pad_size": True},
+        ),
+        Case(
+            "grad_rule", "sp_gather", (X, 1), ValueError, ("grad_rule='sum'",), {"grad_rule": "sum"}
+        ),
+        Case("pad_size -1", "sp_unpad", (X, 1, -1), ValueError, ("pad_size=-1 is outside [0, 4]",)),
+        Case("pad_size 5", "sp_unpad", (X, 1, 5), ValueError, ("pad_size=5 is outside [0, 4]",)),
+        Case(
+            "pad_size 1.0", "sp_unpad", (X, 1, 1.0), TypeError, ("pad_size must be an int", "1.0")
+        ),
+        # pad values the dtype cannot hold
+        Case("int 1.5", pad, (T((5,), "int32"), 0, 1.5), ValueError, ("pad_value=1.5", "int32")),
+        Case(
+            "int nan", pad, (T((5,), "int32"), 0, math.nan), ValueError, ("pad_value=nan", "int32")
+        ),
+        Case(
+            "int inf", pad, (T((5,), "int32"), 0, math.inf), ValueError, ("pad_value=inf", "int32")
+        ),
+        Case(
+            "int 2**31",
+            pad,
+            (T((5,), "int32"), 0, 2**31),
+            ValueError,
+            ("pad_value=2147483648", "int32"),
+        ),
+        Case("uint8 300", pad, (T((5,), "uint8"), 0, 300), ValueError, ("pad_value=300", "uint8")),
+        Case("uint8 -1", pad, (T((5,), "uint8"), 0, -1), ValueError, ("pad_value=-1", "uint8")),
+        Case("bool 2", pad, (T((5,), "bool"), 0, 2), ValueError, ("pad_value=2", "bool")),
+        Case(
+            "float16 1e5",
+            pad,
+            (T((5,), "float16"), 0, 1e5),
+            ValueError,
+            ("pad_value=100000.0", "overflow"),
+        ),
+        Case("real 1j", pad, (T((5,)), 0, 1j), ValueError, ("pad_value=1j", "float32")),
+        Case(
+            "str", pad, (T((5,)), 0, "0"), TypeError, ("pad_value must be a Python number", "'0'")
+        ),
+        Case(
+            "list",
+            pad,
+            (T((5,)), 0, [0.0]),
+            TypeError,
+            ("pad_value must be a Python number", "[0.0]"),
+        ),
+        Case(
+            "float8 inf",
+            pad,
+            (T((5,), "float8_e4m3fn"), 0, math.inf),
+            ValueError,
+            ("pad_value=inf", "float8_e4m3fn"),
+            bugs={"*": BUG_PAD_INF},
+        ),
+        # dtypes
+        Case("bool", "sp_reduce_scatter", (T((4,), "bool"), 0), TypeError, ("dtype bool",)),
+        # groups
+        Case("group 42", "sp_shard", (X, 1), TypeError, ("group must be", "got 42"), {"group": 42}),
+        Case(
+            "group list",
+            "sp_gather",
+            (X, 1),
+            TypeError,
+            ("group must be", "['sp']"),
+            {"group": ["sp"]},
+        ),
+        Case(
+            "None", "sp_group (then sp_world_size inside)", (None, X), TypeError, ("group is None",)
+        ),
+        Case(
+            "42",
+            "sp_group (then sp_world_size inside)",
+            (42, X),
+            TypeError,
+            ("42",),
+            bugs={"*": BUG_SP_GROUP},
+        ),
+        Case(
+            "list of axes",
+            "sp_group (then sp_world_size inside)",
+            (["sp"], X),
+            TypeError,
+            ("['sp']",),
+            bugs={"*": BUG_SP_GROUP},
+        ),
+        # queries, masks, flags and the validator's own calls
+        Case("framework 'tf'", "sp_world_size", ("tf",), ValueError, ("unknown framework 'tf'",)),
+        Case("framework 'tf'", "sp_rank", ("tf",), ValueError, ("unknown framework 'tf'",)),
+        Case("seq_len 0", "sp_padding_mask", (X, 0), ValueError, ("seq_len=0 must be at least 1",)),
+        Case("seq_len -3", "sp_padding_mask", (X, -3), ValueError, ("seq_len=-3",)),
+        Case(
+            "seq_len 2.0", "sp_padding_mask", (X, 2.0), TypeError, ("seq_len must be an int", "2.0")
+        ),
+        Case(
+            "seq_len True",
+            "sp_padding_mask",
+            (X, True),
+            TypeError,
+            ("seq_len must be an int", "True"),
+        ),
+        Case(
+            "enabled 'off'", "sp_debug", ("off",), TypeError, ("'off'",), bugs={"*": BUG_SP_DEBUG}
+        ),
+        Case(
+            "an argument",
+            "get_sharding_validator",
+            (1,),
+            TypeError,
+            ("takes 0 positional arguments",),
+        ),
+        Case("an argument", "ShardingValidator", (1,), TypeError, ("positional argument",)),
+        Case(
+            "gathered on another dim",
+            "ShardingValidator.gather (in track, after shard)",
+            (T((4, 4)), "h", 0, 1),
+            ValueError,
+            ("'h' was sharded on dim 0", "gathered on dim 1"),
+        ),
+        # Ulysses shapes, lengths and dtypes
+        Case(
+            "3-d k", "sp_ulysses_attention", (Q, T((1, 4, 2)), Q), ValueError, ("[B, S/N, H, D]",)
+        ),
+        Case(
+            "other s",
+            "sp_ulysses_attention",
+            (Q, T((1, 2, 2, 3)), Q),
+            ValueError,
+            ("(1, 2, 2, 3)",),
+        ),
+        Case(
+            "seq_len 0",
+            "sp_ulysses_attention",
+            (Q, Q, Q),
+            ValueError,
+            ("seq_len=0",),
+            {"seq_len": 0},
+        ),
+        Case(
+            "seq_len 99",
+            "sp_ulysses_attention",
+            (Q, Q, Q),
+            ValueError,
+            ("seq_len=99",),
+            {"seq_len": 99},
+        ),
+        Case(
+            "seq_len 2.0",
+            "sp_ulysses_attention",
+            (Q, Q, Q),
+            TypeError,
+            ("seq_len must be an int",),
+            {"seq_len": 2.0},
+        ),
+    ]
+    ulysses_unchecked = [
+        ("int32", (T((1, 4, 2, 3), "int32"),) * 3, {}, TypeError, "int32"),
+        ("bool", (T((1, 4, 2, 3), "bool"),) * 3, {}, TypeError, "bool"),
+        ("complex64", (T((1, 4, 2, 3), "complex64"),) * 3, {}, TypeError, "complex64"),
+        ("float16 k", (Q, T((1, 4, 2, 3), "float16"), Q), {}, TypeError, "float16"),
+        ("head size 5 k", (Q, T((1, 4, 2, 5)), Q), {}, ValueError, "(1, 4, 2, 5)"),
+        ("scale 'x'", (Q, Q, Q), {"scale": "x"}, TypeError, "scale='x'"),
+    ]
+    for label, args, kwargs, error, value in ulysses_unchecked:
+        bugs = {"*": BUG_ULYSSES_DTYPES}
+        cases.append(Case(label, "sp_ulysses_attention", args, error, (value,), kwargs, bugs=bugs))
+    return cases
+
+
+def dtype_cases() -> list[Case]:
+    """gloo cannot sum these: a TypeError before the collective (JAX sums them, tested below)."""
+    return [
+        Case(
+            dtype,
+            "sp_reduce_scatter",
+            (T((4,), dtype), 0),
+            TypeError,
+            ("gloo", dtype, "torch.float32"),
+            worlds=(2,),
+            backends=("torch",),
+        )
+        for dtype in ("float8_e4m3fn", "float8_e5m2", "int16", "uint16", "uint32")
+    ]
+
+
+def interop_cases() -> list[Case]:
+    one = {"worlds": (1,)}
+    return [
+        Case("list", "torch_to_jax", ([1.0],), TypeError, ("builtins.list",), **one),
+        Case("numpy", "torch_to_jax", (np.ones(3),), TypeError, ("numpy.ndarray",), **one),
+        Case(
+            "jax array", "torch_to_jax", (X,), TypeError, ("ArrayImpl",), backends=("jax",), **one
+        ),
+        Case(
+            "int64 without x64",
+            "torch_to_jax",
+            (T((3,), "int64"),),
+            TypeError,
+            ("torch.int64", "jax_enable_x64", "torch.int32"),
+            backends=("torch",),
+            **one,
+        ),
+        Case(
+            "float64 without x64",
+            "torch_to_jax",
+            (T((3,), "float64"),),
+            TypeError,
+            ("torch.float64", "jax_enable_x64"),
+            backends=("torch",),
+            **one,
+        ),
+        Case("list", "jax_to_torch", ([1.0],), TypeError, ("builtins.list",), **one),
+        Case("numpy", "jax_to_torch", (np.ones(3),), TypeError, ("numpy.ndarray",), **one),
+        Case(
+            "torch tensor", "jax_to_torch", (X,), TypeError, ("Tensor",), backends=("torch",), **one
+        ),
+        Case(
+            "tracer",
+            "jax_to_torch",
+            (X,),
+            TypeError,
+            ("traced",),
+            backends=("jax",),
+            worlds=(2,),
+        ),
+        Case(
+            "foreign k",
+            "sp_ulysses_attention",
+            (Q, Foreign(Q), Q),
+            TypeError,
+            ("sp_ulysses_attention",),
+            bugs={"*": BUG_ULYSSES_KV_TYPES},
+            **one,
+        ),
+    ]
+
+
+def plan_cases() -> list[Case]:
+    plan = sp.SPPlan({"embed": sp.ShardInput("x", 1), "head": sp.GatherOutput(1)})
+    bug = {"*": BUG_PLAN_TYPES}
+    return [
+        Case("entries 42", "SPPlan", (42,), TypeError, ("42",), bugs=bug),
+        Case("entry 3", "SPPlan", ({"x": 3},), TypeError, ("holds 3",), bugs=bug),
+        Case("entry str", "SPPlan", ({"x": "nope"},), TypeError, ("'nope'",), bugs=bug),
+        Case(
+            "entry list with 3",
+            "SPPlan",
+            ({"x": [sp.ShardInput("x", 1), 3]},),
+            TypeError,
+            ("entry 'x' holds 3",),
+        ),
+        Case(
+            "unpaired name",
+            "SPPlan",
+            ({"x": sp.ShardInput("x", 1)},),
+            sp.PlanError,
+            ("sharded but never gathered: ['sequence']",),
+        ),
+        Case("dim '1'", "ShardInput", ("x", "1"), TypeError, ("'1'",), bugs=bug),
+        Case("dim 1.0", "GatherOutput", (1.0,), TypeError, ("1.0",), bugs=bug),
+        Case("target 42", "apply_plan", (42, plan), TypeError, ("target is int",)),
+        Case(
+            "module with mesh",
+            "apply_plan",
+            (Module(), plan),
+            TypeError,
+            ("takes no mesh",),
+            {"mesh": "m"},
+            backends=("torch",),
+        ),
+        Case(
+            "plan dict",
+            "apply_plan",
+            (Module(), {"x": 1}),
+            TypeError,
+            ("dict",),
+            backends=("torch",),
+            bugs=bug,
+        ),
+    ]
+
+
+CASES = (
+    plan_cases()
+    + wrong_type_cases()
+    + zero_d_and_dim_cases()
+    + divisibility_cases()
+    + argument_cases()
+    + dtype_cases()
+    + interop_cases()
+)
+
+
+def params() -> list[Any]:
+    out = []
+    for case in CASES:
+        for backend in case.backends:
+            for n in case.worlds:
+                bug = case.bugs.get(backend, case.bugs.get("*"))
+                marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
+                label = f"{backend}-n{n}-{case.call.split(' ')[0]}-{case.label}"
+                out.append(pytest.param(case, backend, n, id=label, marks=marks))
+    return out
+
+
+def jax_outcome(case: Case, n: int) -> tuple[str, str]:
+    """Run ``case`` with JAX arrays: eagerly at world size 1, traced inside ``shard_map`` over
+    an n-device mesh otherwise (the arrays enter as replicated inputs)."""
+    args = [tasks.materialize(a, "jax") for a in case.args]
+    kwargs = {k: tasks.materialize(v, "jax") for k, v in case.kwargs.items()}
+    call = tasks.CALLS[case.call]
+    if n == 1:
+        return tasks.outcome(lambda: call(*args, **kwargs))
+    slots = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+    def body(*arrays: jax.Array) -> jax.Array:
+        full = list(args)
+        for i, a in zip(slots, arrays, strict=True):
+            full[i] = a
+        call(*full, **kwargs)
+        return jnp.zeros(())
+
+    mapped = sharded(body, n, tuple(jax.P() for _ in slots), jax.P())
+    with jax.set_mesh(mesh_of(n)):
+        return tasks.outcome(lambda: mapped(*(args[i] for i in slots)))
+
+
+# JAX's attention casts complex to real with this warning: one symptom of BUG_ULYSSES_DTYPES.
+@pytest.mark.filterwarnings("ignore:Casting from complex to real")
+@pytest.mark.parametrize(("case", "backend", "n"), params())
+def test_bad_input_raises_a_specific_error_naming_the_function_and_the_value(
+    case: Case, backend: str, n: int, torch_ranks
+) -> None:
+    if backend == "jax":
+        outcomes = [jax_outcome(case, n)]
+    elif n == 1:
+        outcomes = [tasks.run_case(case.call, case.args, case.kwargs)]
+    else:
+        outcomes = torch_ranks(n).run(
+            tasks.run_case, case.call, case.args, case.kwargs, timeout_s=30
+        )
+    assert len(set(outcomes)) == 1, f"ranks disagree: {outcomes}"
+    kind, message = outcomes[0]
+    assert kind == case.error.__name__, f"expected {case.error.__name__}, got {kind}: {message}"
+    assert any(name in message for name in case.function_names()), message
+    for part in case.says:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_the_table_covers_every_public_function_and_every_call() -> None:
+    covered = {tasks.public_name(case.call) for case in CASES}
+    covered |= {case.error.__name__ for case in CASES}  # exception classes such as PlanError
+    missing = set(sp.__all__) - covered
+    assert not missing, f"no bad-input case for {sorted(missing)}: add rows to CASES"
+    assert {"torch_to_jax", "jax_to_torch"} <= covered
+    assert set(tasks.CALLS) == {case.call for case in CASES}
+
+
+def test_every_bad_input_kind_is_in_the_table() -> None:
+    labels = " ".join(case.label for case in CASES)
+    for kind in ("list", "ndarray", "float tensor", "0-d", "dim 2", "S=5", "uint8 300", "nan"):
+        assert kind in labels, kind
+    assert {"bool", "complex64", "float8_e4m3fn"} <= {
+        a.dtype for case in CASES for a in case.args if isinstance(a, T)
+    }
+
+
+# Inputs that look bad but are valid: they must work, bitwise.
+
+
+def test_sequences_shorter_than_the_world_size_round_trip_with_ranks_that_hold_only_padding(
+    torch_ranks,
+) -> None:
+    x = ref.make_input((2, 1), "float32", seed=1)  # S=1 < N=2: rank 1 holds only padding
+    shards, pad = ref.padded_shards(x, 1, 2, -1.0)
+    for rank, r in enumerate(torch_ranks(2).run(tasks.short_sequence, x, 1, -1.0)):
+        ref.assert_bitwise(r["padded_shard"], shards[rank], f"torch rank {rank} shard")
+        ref.assert_bitwise(r["gather_unpad"], x, f"torch rank {rank} gather")
+        ref.assert_bitwise(r["unpad"], x, f"torch rank {rank} unpad")
+        assert r["pad"] == pad == 1
+        assert r["mask"].tolist() == [rank == 0]
+    for length in (1, 3):  # JAX on 4 devices: 3 and 1 ranks of padding only
+        x = ref.make_input((2, length), "float32", seed=length)
+
+        def body(a: jax.Array) -> tuple[jax.Array, ...]:
+            shard, pad = sp.sp_shard_with_padding(a, 1, -1.0)
+            gathered = sp.sp_gather(shard, 1, pad_size=pad)
+            return shard, gathered, sp.sp_padding_mask(a, length)  # noqa: B023
+
+        fn = sharded(body, 4, (jax.P(),), (spec_on(1), jax.P(), spec_on(0)))
+        with jax.set_mesh(mesh_of(4)):
+            shard, gathered, mask = fn(x)
+        shards, pad = ref.padded_shards(x, 1, 4, -1.0)
+        ref.assert_bitwise(np.asarray(shard), np.concatenate(shards, axis=1), "jax shards")
+        ref.assert_bitwise(np.asarray(gathered), x, "jax gather")
+        assert np.asarray(mask).tolist() == [i < length for i in range(4)]
+
+
+def test_empty_sequences_shard_gather_pad_and_exchange_to_empty_tensors(torch_ranks) -> None:
+    x = np.zeros((2, 0, 3), np.float32)
+    expected = {"all_to_all": (4, 0, 3)}
+    for r in torch_ranks(2).run(tasks.empty_sequence, x, 1):
+        for key, got in r.items():
+            assert got.shape == expected.get(key, (2, 0, 3)) and got.dtype == np.float32, key
+
+    def body(a: jax.Array) -> dict[str, jax.Array]:
+        padded, pad = sp.sp_shard_with_padding(a, 1)
+        return {
+            "shard": sp.sp_shard(a, 1),
+            "gather": sp.sp_gather(a, 1),
+            "padded_shard": padded,
+            "gather_unpad": sp.sp_gather(padded, 1, pad_size=pad),
+            "all_to_all": sp.sp_all_to_all(a, 1, 0),
+            "reduce_scatter": sp.sp_reduce_scatter(a, 1),
+        }
+
+    # Every output is empty, so any spec gives the same (empty) global array.
+    out = sharded(body, 2, (jax.P(),), jax.P(), check_vma=False)(x)
+    for key, got in out.items():
+        assert got.shape == expected.get(key, (2, 0, 3)) and got.dtype == jnp.float32, key
+
+
+# Dtypes gloo cannot sum (and bool/complex) still move: the carrier is a numpy dtype of the same
+# item size, so a float8 tensor travels as its uint8 bits.
+MOVABLE = {
+    "float8_e4m3fn": np.uint8,
+    "float8_e5m2": np.uint8,
+    "int16": np.int16,
+    "uint16": np.uint16,
+    "complex64": np.complex64,
+    "bool": np.bool_,
+}
+
+
+def carrier_input(dtype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    carrier = np.dtype(MOVABLE[dtype])
+    if carrier == np.bool_:
+        return rng.random(shape) < 0.5
+    raw = rng.integers(0, 256, size=(*shape, carrier.itemsize), dtype=np.uint8)
+    return raw.view(carrier).reshape(shape)  # every bit pattern, NaNs included
+
+
+@pytest.mark.parametrize("dtype", list(MOVABLE))
+def test_dtypes_gloo_cannot_sum_move_bitwise_on_both_backends(dtype, torch_ranks) -> None:
+    a = carrier_input(dtype, (4, 5), seed=len(dtype))
+    pad = ref.pad_size(a.shape[1], 2)
+    for rank, r in enumerate(torch_ranks(2).run(tasks.move_bits, a, dtype, 0)):
+        ref.assert_bitwise(r["shard"], np.split(a, 2)[rank], f"torch rank {rank} shard")
+        ref.assert_bitwise(r["gather"], a, f"torch rank {rank} gather")
+        mine = np.split(a, 2)[rank]  # every rank sends chunk `rank` of the same tensor
+        ref.assert_bitwise(r["all_to_all"], np.concatenate([mine] * 2), f"torch rank {rank} a2a")
+        ref.assert_bitwise(r["gather_unpad"], a, f"torch rank {rank} padded gather")
+    for rank, r in enumerate(torch_ranks(2).run(tasks.move_bits, a, dtype, 1)):
+        zero = np.zeros((4, 1), a.dtype)  # pad_value 0.0 is all-zero bits in each dtype
+        padded = np.concatenate([a, zero], axis=1)
+        ref.assert_bitwise(r["padded_shard"], np.split(padded, 2, axis=1)[rank], "padded shard")
+        ref.assert_bitwise(r["gather_unpad"], a, f"torch rank {rank} padded gather")
+        assert r["pad"] == pad == 1
+
+    jdt = np.dtype(getattr(ml_dtypes, dtype)) if dtype.startswith("float8") else a.dtype
+    x = a.view(jdt)
+
+    def body(t: jax.Array) -> tuple[jax.Array, ...]:
+        padded, pad = sp.sp_shard_with_padding(t, 1)
+        return padded, sp.sp_gather(padded, 1, pad_size=pad), sp.sp_all_to_all(t, 0, 1)
+
+    fn = sharded(body, 2, (jax.P(),), (spec_on(1), jax.P(), spec_on(0)))
+    with jax.set_mesh(mesh_of(2)):
+        padded, gathered, a2a = (np.asarray(o).view(a.dtype) for o in fn(x))
+    ref.assert_bitwise(padded, np.concatenate([a, np.zeros((4, 1), a.dtype)], axis=1), "jax pad")
+    ref.assert_bitwise(gathered, a, "jax padded gather")
+    # a2a on every device of a replicated input: device r gets rows r*2:(r+1)*2 from each
+    # device, laid along dim 1 -> stacked along dim 0 by out_specs
+    expected = np.concatenate([np.concatenate([half] * 2, axis=1) for half in np.split(a, 2)])
+    ref.assert_bitwise(a2a, expected, "jax all-to-all")
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int16", "uint16", "complex64"])
+def test_jax_sums_dtypes_gloo_cannot_and_complex_sums_on_both_backends(dtype, torch_ranks):
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 5, size=(2, 4, 6)).astype(np.float32)  # sums exact in float8
+    jdt = getattr(jnp, dtype)
+    stacked = jnp.asarray(small, dtype=jdt)
+
+    def body(x: jax.Array) -> jax.Array:
+        return sp.sp_reduce_scatter(x[0], 1)[None]
+
+    with jax.set_mesh(mesh_of(2)):
+        out = sharded(body, 2, (jax.P("sp"),), jax.P("sp"))(stacked)
+    expected = np.stack(np.split(small.sum(axis=0), 2, axis=1))
+    if dtype == "complex64":
+        expected = expected.astype(np.complex64)
+        got = torch_ranks(2).run(tasks.reduce_scatter_rank, small.astype(np.complex64), 1)
+        np.testing.assert_array_equal(np.stack(got), expected)
+    np.testing.assert_array_equal(np.asarray(out).astype(expected.dtype), expected)
