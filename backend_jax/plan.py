@@ -42,6 +42,8 @@ def apply_plan(
     ``jax.set_mesh(mesh)`` to differentiate on jax 0.10's Explicit meshes). A Flax NNX module
     can be passed as ``fn`` through a pure function of its state.
     """
+    if not isinstance(plan, SPPlan):
+        raise TypeError(f"apply_plan: plan must be an SPPlan, got {type(plan).__name__}.")
     specs = plan.specs()
     others = sorted(p for p in specs if p != "")
     if others:

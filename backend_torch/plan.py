@@ -140,6 +140,8 @@ def apply_plan(model: torch.nn.Module, plan: SPPlan) -> AppliedPlan:
     (apply the plan before compiling). Any error while registering removes the hooks already
     registered and raises :class:`PlanError`.
     """
+    if not isinstance(plan, SPPlan):
+        raise TypeError(f"apply_plan: plan must be an SPPlan, got {type(plan).__name__}.")
     handles: list[RemovableHandle] = []
     outer: list[Any] = []
 

@@ -31,7 +31,12 @@ def sp_debug(enabled: bool = True) -> Iterator[None]:
     which all ranks compare shape and dtype; a disagreement raises ValueError on every rank that
     lists each rank's shape, instead of hanging or returning data of the wrong length.
     """
-    token = _DEBUG.set(bool(enabled))
+    if not isinstance(enabled, bool):
+        raise TypeError(
+            f"sp_debug: enabled must be a bool, got {enabled!r} of type "
+            f"{type(enabled).__name__}; pass True or False."
+        )
+    token = _DEBUG.set(enabled)
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ process group in torch, the mesh axis ``"sp"`` in JAX).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -31,9 +32,21 @@ _MIRROR = _ThreadMirror()
 _BY_KEY: dict[int, Any] = {}
 
 
-def framework_of_group(group: object) -> str:
-    """``"jax"`` for a mesh axis name (a str or a tuple of str), else ``"torch"``."""
-    return "jax" if is_axis_name(group) else "torch"
+def framework_of_group(func: str, group: object) -> str:
+    """``"jax"`` for a mesh axis name (a str or a tuple of str), ``"torch"`` for a
+    ``ProcessGroup``; TypeError naming ``func`` for anything else."""
+    if is_axis_name(group):
+        return "jax"
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and isinstance(group, dist.ProcessGroup):
+            return "torch"
+    raise TypeError(
+        f"{func}: group must be a torch.distributed.ProcessGroup or a JAX mesh axis name (a str "
+        f"or a tuple of str), got {group!r} of type {type(group).__name__}; pass e.g. "
+        "dist.new_group(ranks) or 'sp' / ('dp', 'sp')."
+    )
 
 
 @contextlib.contextmanager
@@ -52,7 +65,7 @@ def sp_group(group: Any) -> Iterator[None]:
             "sp_group: group is None; pass a torch ProcessGroup or a JAX mesh axis name "
             "(to use the default group, leave out the sp_group block)."
         )
-    framework = framework_of_group(group)
+    framework = framework_of_group("sp_group", group)
     current = _ACTIVE.get() or {}
     _BY_KEY.setdefault(id(group), group)
     token, outer = _ACTIVE.set({**current, framework: group}), _MIRROR.keys

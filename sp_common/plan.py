@@ -25,6 +25,15 @@ class PlanError(ValueError):
     """A plan does not match the model or the tensors it sees."""
 
 
+def _check_field(cls: str, field: str, value: object, types: tuple[type, ...]) -> None:
+    # bool is an int in Python; it is never a dim, index or position here.
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+        raise TypeError(
+            f"{cls}: {field} must be {names}, got {value!r} of type {type(value).__name__}."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardInput:
     """Shard input ``arg`` (a parameter name, or a position) on ``dim`` before the module runs.
@@ -41,6 +50,13 @@ class ShardInput:
     pad_value: float = 0.0
     name: str = "sequence"
 
+    def __post_init__(self) -> None:
+        _check_field("ShardInput", "arg", self.arg, (str, int))
+        _check_field("ShardInput", "dim", self.dim, (int,))
+        _check_field("ShardInput", "ndim", self.ndim, (int, type(None)))
+        _check_field("ShardInput", "pad", self.pad, (bool,))
+        _check_field("ShardInput", "name", self.name, (str,))
+
 
 @dataclasses.dataclass(frozen=True)
 class GatherOutput:
@@ -54,6 +70,12 @@ class GatherOutput:
     index: int | None = None
     ndim: int | None = None
     name: str = "sequence"
+
+    def __post_init__(self) -> None:
+        _check_field("GatherOutput", "dim", self.dim, (int,))
+        _check_field("GatherOutput", "index", self.index, (int, type(None)))
+        _check_field("GatherOutput", "ndim", self.ndim, (int, type(None)))
+        _check_field("GatherOutput", "name", self.name, (str,))
 
 
 Spec = ShardInput | GatherOutput
@@ -75,9 +97,21 @@ class SPPlan:
     entries: Mapping[str, Spec | Sequence[Spec]]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.entries, Mapping):
+            raise TypeError(
+                f"SPPlan: entries must be a mapping of module path to specs, got "
+                f"{self.entries!r}; pass e.g. {{'blocks.*': ShardInput('x', dim=1)}}."
+            )
         normalized: dict[str, tuple[Spec, ...]] = {}
-        for path, specs in dict(self.entries).items():
-            group = (specs,) if isinstance(specs, (ShardInput, GatherOutput)) else tuple(specs)
+        for path, specs in self.entries.items():
+            if not isinstance(path, str):
+                raise TypeError(f"SPPlan: module path {path!r} must be a str such as 'blocks.*'.")
+            if isinstance(specs, (ShardInput, GatherOutput)):
+                group: tuple[Any, ...] = (specs,)
+            elif isinstance(specs, (list, tuple)):
+                group = tuple(specs)
+            else:
+                group = (specs,)
             for spec in group:
                 if not isinstance(spec, (ShardInput, GatherOutput)):
                     raise TypeError(
@@ -202,6 +236,11 @@ def apply_plan(target: Any, plan: SPPlan, *, mesh: Any = None, **options: Any) -
 
     See ``backend_torch.plan.apply_plan`` and ``backend_jax.plan.apply_plan``.
     """
+    if not isinstance(plan, SPPlan):
+        raise TypeError(
+            f"apply_plan: plan must be an SPPlan, got {type(plan).__name__}; wrap the mapping: "
+            "SPPlan({...})."
+        )
     if "torch" in sys.modules:
         import torch
 

@@ -6,6 +6,7 @@ import numbers
 from typing import Any, TypeVar
 
 from .api import prepare, resolve, sp_shard
+from .backend import backend_for
 from .plan import active_run
 from .shapes import pad_size_for
 
@@ -75,12 +76,30 @@ def sp_ulysses_attention(
     """
     func = "sp_ulysses_attention"
     backend, shape, _, g, n = prepare(func, q, 1, group)
+    for arg, t in (("k", k), ("v", v)):
+        if backend_for(func, t) is not backend:
+            raise TypeError(
+                f"{func}: {arg} is a {type(t).__name__} but q is a {backend.framework} tensor; "
+                "pass q, k and v of one framework."
+            )
     shapes = [shape, backend.shape(k), backend.shape(v)]
-    if any(len(s) != 4 for s in shapes) or len({s[:3] for s in shapes}) != 1:
+    if (
+        any(len(s) != 4 for s in shapes)
+        or len({s[:3] for s in shapes}) != 1
+        or shapes[0][3] != shapes[1][3]
+    ):
         raise ValueError(
-            f"{func}: q, k, v must be [B, S/N, H, D] with equal B, S/N and H; got shapes "
-            f"{', '.join(map(str, shapes))}."
+            f"{func}: q, k, v must be [B, S/N, H, D] with equal B, S/N and H, and q and k the "
+            f"same head size D; got shapes {', '.join(map(str, shapes))}."
         )
+    dtypes = [backend.dtype_info(t) for t in (q, k, v)]
+    if dtypes[0][0] != "float" or len({d[3] for d in dtypes}) != 1:
+        raise TypeError(
+            f"{func}: q, k, v must share one floating dtype, got "
+            f"{', '.join(d[3] for d in dtypes)}; cast them, e.g. to float32 or bfloat16."
+        )
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"{func}: scale={scale!r} is not a real number; pass a float or None.")
     heads, padded = shape[2], shape[1] * n
     if heads % n:
         raise ValueError(

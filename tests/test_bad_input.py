@@ -31,20 +31,6 @@ from .jax_mesh import mesh_of, sharded, spec_on
 pytestmark = pytest.mark.timeout(120)
 
 # Bugs found by this table; each case marked with one fails today (xfail strict=True).
-BUG_ULYSSES_KV_TYPES = (
-    "sp_ulysses_attention type-checks q only: a k or v that is not a tensor of q's framework "
-    "raises AttributeError or a framework error (JAX even converts numpy/torch silently)"
-)
-BUG_ULYSSES_DTYPES = (
-    "sp_ulysses_attention checks only [B, s, H]: int/bool/complex dtypes, mixed q/k/v dtypes, "
-    "a k head size unlike q's and a non-number scale reach the attention kernel (torch "
-    "RuntimeError/TypeError, JAX ValueError or a silent integer attention), naming no function"
-)
-BUG_SP_GROUP = (
-    "sp_group accepts any object: a torch op then raises naming the op, not sp_group, and a JAX "
-    "op silently ignores a non-axis group (a list of axis names) and uses the axis 'sp'"
-)
-BUG_SP_DEBUG = "sp_debug takes any truthy object: sp_debug('off') turns the cross-rank checks on"
 BUG_PAD_INF = (
     "pad_value=inf is accepted for float8_e4m3fn, which has no infinity: torch pads 448.0, JAX "
     "NaN, so the two backends also disagree"
@@ -52,12 +38,6 @@ BUG_PAD_INF = (
 BUG_VALIDATOR_NAMES = (
     "ShardingValidator.shard reports its argument errors as sp_shard's, naming a function the "
     "user did not call"
-)
-BUG_PLAN_TYPES = (
-    "the plan classes check types only in part: SPPlan(42) and SPPlan({'x': 3}) raise Python's "
-    "own 'not iterable', SPPlan({'x': 'nope'}) reports the entry as 'n', ShardInput/GatherOutput "
-    "accept any dim (the error comes at the first forward, naming sp_shard), and apply_plan of "
-    "a dict raises PlanError('registering the plan failed: ... no attribute specs')"
 )
 
 
@@ -114,10 +94,7 @@ def wrong_type_cases() -> list[Case]:
         for slot in ("k", "v"):
             args = (Q, value, Q) if slot == "k" else (Q, Q, value)
             says = (shown,)
-            bugs = {"*": BUG_ULYSSES_KV_TYPES}
-            cases.append(
-                Case(f"{label} {slot}", "sp_ulysses_attention", args, TypeError, says, bugs=bugs)
-            )
+            cases.append(Case(f"{label} {slot}", "sp_ulysses_attention", args, TypeError, says))
     return cases
 
 
@@ -298,7 +275,6 @@ def argument_cases() -> list[Case]:
             (42, X),
             TypeError,
             ("42",),
-            bugs={"*": BUG_SP_GROUP},
         ),
         Case(
             "list of axes",
@@ -306,7 +282,6 @@ def argument_cases() -> list[Case]:
             (["sp"], X),
             TypeError,
             ("['sp']",),
-            bugs={"*": BUG_SP_GROUP},
         ),
         # queries, masks, flags and the validator's own calls
         Case("framework 'tf'", "sp_world_size", ("tf",), ValueError, ("unknown framework 'tf'",)),
@@ -323,9 +298,7 @@ def argument_cases() -> list[Case]:
             TypeError,
             ("seq_len must be an int", "True"),
         ),
-        Case(
-            "enabled 'off'", "sp_debug", ("off",), TypeError, ("'off'",), bugs={"*": BUG_SP_DEBUG}
-        ),
+        Case("enabled 'off'", "sp_debug", ("off",), TypeError, ("'off'",)),
         Case(
             "an argument",
             "get_sharding_validator",
@@ -377,7 +350,7 @@ def argument_cases() -> list[Case]:
             {"seq_len": 2.0},
         ),
     ]
-    ulysses_unchecked = [
+    ulysses_checked = [
         ("int32", (T((1, 4, 2, 3), "int32"),) * 3, {}, TypeError, "int32"),
         ("bool", (T((1, 4, 2, 3), "bool"),) * 3, {}, TypeError, "bool"),
         ("complex64", (T((1, 4, 2, 3), "complex64"),) * 3, {}, TypeError, "complex64"),
@@ -385,9 +358,8 @@ def argument_cases() -> list[Case]:
         ("head size 5 k", (Q, T((1, 4, 2, 5)), Q), {}, ValueError, "(1, 4, 2, 5)"),
         ("scale 'x'", (Q, Q, Q), {"scale": "x"}, TypeError, "scale='x'"),
     ]
-    for label, args, kwargs, error, value in ulysses_unchecked:
-        bugs = {"*": BUG_ULYSSES_DTYPES}
-        cases.append(Case(label, "sp_ulysses_attention", args, error, (value,), kwargs, bugs=bugs))
+    for label, args, kwargs, error, value in ulysses_checked:
+        cases.append(Case(label, "sp_ulysses_attention", args, error, (value,), kwargs))
     return cases
 
 
@@ -453,7 +425,6 @@ def interop_cases() -> list[Case]:
             (Q, Foreign(Q), Q),
             TypeError,
             ("sp_ulysses_attention",),
-            bugs={"*": BUG_ULYSSES_KV_TYPES},
             **one,
         ),
     ]
@@ -461,11 +432,10 @@ def interop_cases() -> list[Case]:
 
 def plan_cases() -> list[Case]:
     plan = sp.SPPlan({"embed": sp.ShardInput("x", 1), "head": sp.GatherOutput(1)})
-    bug = {"*": BUG_PLAN_TYPES}
     return [
-        Case("entries 42", "SPPlan", (42,), TypeError, ("42",), bugs=bug),
-        Case("entry 3", "SPPlan", ({"x": 3},), TypeError, ("holds 3",), bugs=bug),
-        Case("entry str", "SPPlan", ({"x": "nope"},), TypeError, ("'nope'",), bugs=bug),
+        Case("entries 42", "SPPlan", (42,), TypeError, ("42",)),
+        Case("entry 3", "SPPlan", ({"x": 3},), TypeError, ("holds 3",)),
+        Case("entry str", "SPPlan", ({"x": "nope"},), TypeError, ("'nope'",)),
         Case(
             "entry list with 3",
             "SPPlan",
@@ -480,8 +450,8 @@ def plan_cases() -> list[Case]:
             sp.PlanError,
             ("sharded but never gathered: ['sequence']",),
         ),
-        Case("dim '1'", "ShardInput", ("x", "1"), TypeError, ("'1'",), bugs=bug),
-        Case("dim 1.0", "GatherOutput", (1.0,), TypeError, ("1.0",), bugs=bug),
+        Case("dim '1'", "ShardInput", ("x", "1"), TypeError, ("'1'",)),
+        Case("dim 1.0", "GatherOutput", (1.0,), TypeError, ("1.0",)),
         Case("target 42", "apply_plan", (42, plan), TypeError, ("target is int",)),
         Case(
             "module with mesh",
@@ -499,7 +469,6 @@ def plan_cases() -> list[Case]:
             TypeError,
             ("dict",),
             backends=("torch",),
-            bugs=bug,
         ),
     ]
 
@@ -549,7 +518,6 @@ def jax_outcome(case: Case, n: int) -> tuple[str, str]:
         return tasks.outcome(lambda: mapped(*(args[i] for i in slots)))
 
 
-# JAX's attention casts complex to real with this warning: one symptom of BUG_ULYSSES_DTYPES.
 @pytest.mark.filterwarnings("ignore:Casting from complex to real")
 @pytest.mark.parametrize(("case", "backend", "n"), params())
 def test_bad_input_raises_a_specific_error_naming_the_function_and_the_value(

@@ -1,0 +1,466 @@
+"""``sp-compare`` (also ``python -m sp_common``): the sp_common ops on torch and JAX, side by side.
+
+For every op, sequence length and backend it checks the result against a numpy reference on every
+rank, times it after warm-up, and prints one table::
+
+    sp-compare --world-size 4 --shape 1,4096,256 --dim 1 --seq-lens 1024,2048,4096 \\
+        --json out/compare.json --plot out/compare.png
+
+torch runs on N spawned ranks: gloo on the CPU, or NCCL when N CUDA devices are present. JAX runs
+``jit(shard_map(...))`` on N devices of its platform: on the CPU, N host devices made with
+``--xla_force_host_platform_device_count``. Bad arguments get a one-line error and exit status 2;
+a failed check exits 1.
+
+Importing this module imports no framework: torch and JAX are imported when a run needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn, TextIO
+
+from .compare_cases import DTYPES, FLOAT_DTYPES, OP_DESCRIPTIONS, OPS, Case, scatter_dim_for
+from .compare_report import Row, footnotes, record, table, write_json, write_plot
+
+BACKENDS = ("torch", "jax")
+PROG = "sp-compare"
+
+
+class CompareError(Exception):
+    """A bad argument or an unusable machine: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CompareError(f"{message} (see {PROG} --help)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated command line. ``shape`` is the global shape whose size at ``dim`` each
+    ``seq_lens`` value replaces."""
+
+    backends: tuple[str, ...]
+    world_size: int
+    shape: tuple[int, ...]
+    dim: int
+    dtype: str
+    ops: tuple[str, ...]
+    ops_given: bool
+    heads: int
+    repeats: int
+    warmup: int
+    seq_lens: tuple[int, ...]
+    device: str
+    json: Path | None
+    plot: Path | None
+
+
+def _parser() -> argparse.ArgumentParser:
+    ops = "\n".join(f"  {name:<11} {text}" for name, text in OP_DESCRIPTIONS.items())
+    p = _Parser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the sp_common ops on N torch ranks and on an N-device JAX mesh, check "
+        "every rank's result against numpy (bitwise; ulysses: allclose), time them after warm-up "
+        "and print one table.",
+        epilog=f"ops:\n{ops}\n\n'padded' runs on S - 1 tokens when N divides S, so it always "
+        "pads. Exit status: 0 all correct, 1 a check failed or an op raised, 2 bad arguments.",
+    )
+    p.add_argument("--backends", default="torch,jax", help="comma-separated (default torch,jax)")
+    p.add_argument(
+        "--world-size",
+        "-n",
+        type=int,
+        default=4,
+        metavar="N",
+        help="torch ranks, JAX devices (default 4)",
+    )
+    p.add_argument(
+        "--shape", default="1,4096,256", metavar="B,S,H", help="global shape (default 1,4096,256)"
+    )
+    p.add_argument("--dim", type=int, default=1, help="the sequence dim of --shape (default 1)")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--ops", help=f"comma-separated from {','.join(OPS)} (default: all that fit)")
+    p.add_argument("--heads", type=int, default=8, help="ulysses: H = heads x D (default 8)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per op (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument(
+        "--seq-lens",
+        metavar="S1,S2,...",
+        help="sweep: run with each size at --dim (default: the size in --shape)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="auto (default): GPUs where a backend sees N of them, else the CPU",
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure, with settings")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="time vs sequence length")
+    return p
+
+
+def _names(text: str, option: str, known: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if name not in known:
+            raise CompareError(f"{option}: unknown name {name!r}; choose from {', '.join(known)}")
+    if not names:
+        raise CompareError(f"{option}: empty; choose from {', '.join(known)}")
+    return names
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CompareError(
+            f"{option} {text!r}: not a list of integers; write e.g. 1,4096,256"
+        ) from None
+    if any(v < 1 for v in values):
+        raise CompareError(f"{option} {text!r}: every size must be at least 1")
+    return values
+
+
+def _at_least(value: int, low: int, option: str, why: str) -> None:
+    if value < low:
+        raise CompareError(f"{option} {value}: must be at least {low} ({why})")
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    """The command line as :class:`Settings`; CompareError for anything malformed."""
+    a = _parser().parse_args(argv)
+    shape = _ints(a.shape, "--shape")
+    if not -len(shape) <= a.dim < len(shape):
+        raise CompareError(
+            f"--dim {a.dim}: out of range for --shape {a.shape} ({len(shape)} dims); use a dim in "
+            f"[{-len(shape)}, {len(shape) - 1}]"
+        )
+    dim = a.dim % len(shape)
+    if a.dtype not in DTYPES:
+        raise CompareError(f"--dtype: unknown dtype {a.dtype!r}; choose from {', '.join(DTYPES)}")
+    _at_least(a.world_size, 2, "--world-size", "at 1 every op is the identity")
+    _at_least(a.repeats, 1, "--repeats", "the median needs a timed call")
+    _at_least(a.warmup, 0, "--warmup", "a count of calls")
+    _at_least(a.heads, 1, "--heads", "a count of heads")
+    for option, path in (("--json", a.json), ("--plot", a.plot)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise CompareError(f"{option} {path}: the folder {path.parent} does not exist")
+    if a.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise CompareError(
+            "--plot needs matplotlib, which is not installed; pip install 'sp-sharding[plot]'"
+        )
+    return Settings(
+        backends=_names(a.backends, "--backends", BACKENDS),
+        world_size=a.world_size,
+        shape=shape,
+        dim=dim,
+        dtype=a.dtype,
+        ops=OPS if a.ops is None else _names(a.ops, "--ops", OPS),
+        ops_given=a.ops is not None,
+        heads=a.heads,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        seq_lens=(shape[dim],) if a.seq_lens is None else _ints(a.seq_lens, "--seq-lens"),
+        device=a.device,
+        json=a.json,
+        plot=a.plot,
+    )
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def _op_shape(op: str, s: Settings, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The global shape ``op`` runs on, for the sweep shape ``shape``."""
+    n, size = s.world_size, shape[s.dim]
+    if op == "padded" and size % n == 0 and size > 1:
+        return (*shape[: s.dim], size - 1, *shape[s.dim + 1 :])
+    if op == "ulysses" and len(shape) == 3:
+        return (*shape[:2], s.heads, shape[2] // s.heads)
+    return shape
+
+
+def _unfit(op: str, s: Settings, shape: tuple[int, ...]) -> str | None:
+    """Why ``op`` cannot run on ``shape`` whatever the sequence length, or None."""
+    n = s.world_size
+    if op == "all-to-all":
+        if len(shape) < 2:
+            return "all-to-all needs a second dim to scatter; pass a shape with 2 or more dims"
+        scatter = scatter_dim_for(len(shape), s.dim)
+        if shape[scatter] % n:
+            return (
+                f"all-to-all scatters dim {scatter} of size {shape[scatter]}, which world size "
+                f"{n} does not divide; use a multiple of {n} there"
+            )
+    if op == "ulysses":
+        if s.dtype not in FLOAT_DTYPES:
+            return f"ulysses needs a float dtype, not {s.dtype}; pass --dtype float32"
+        if s.dim != 1 or len(shape) not in (3, 4):
+            return "ulysses needs --dim 1 and a [B, S, hidden] or [B, S, heads, D] shape"
+        if len(shape) == 3 and shape[2] % s.heads:
+            return f"ulysses: --heads {s.heads} does not divide the hidden size {shape[2]}"
+        heads = s.heads if len(shape) == 3 else shape[2]
+        if heads % n:
+            return f"ulysses gives each rank heads/N whole heads: {heads} heads, world size {n}"
+    return None
+
+
+def plan(s: Settings) -> tuple[list[Case], list[str]]:
+    """The cases to run (sweep-major) and notes about ops left out; CompareError when an op
+    named with ``--ops`` cannot run, or N does not divide a sequence length."""
+    cases, notes = [], []
+    ops = list(s.ops)
+    for seq_len in s.seq_lens:
+        if seq_len % s.world_size and ops != ["padded"]:
+            raise CompareError(
+                f"sequence length {seq_len} (dim {s.dim}) is not divisible by world size "
+                f"{s.world_size}, as shard, gather, all-to-all and ulysses need; use a multiple "
+                f"of {s.world_size}, or --ops padded"
+            )
+    for op in list(ops):
+        reason = _unfit(op, s, s.shape)
+        if reason is None:
+            continue
+        if s.ops_given:
+            raise CompareError(f"--ops {op}: {reason}")
+        ops.remove(op)
+        notes.append(f"left out {op}: {reason}")
+    for seq_len in s.seq_lens:
+        shape = (*s.shape[: s.dim], seq_len, *s.shape[s.dim + 1 :])
+        for op in ops:
+            cases.append(
+                Case(
+                    op=op,
+                    shape=_op_shape(op, s, shape),
+                    dim=s.dim,
+                    dtype=s.dtype,
+                    world_size=s.world_size,
+                    seq_len=seq_len,
+                    warmup=s.warmup,
+                    repeats=s.repeats,
+                )
+            )
+    return cases, notes
+
+
+# ------------------------------------------------------------------------------------- devices
+
+
+def _require(framework: str) -> None:
+    if importlib.util.find_spec(framework) is None:
+        raise CompareError(
+            f"--backends {framework}: {framework} is not installed; pip install "
+            f"'sp-sharding[{framework}]' or leave it out of --backends"
+        )
+
+
+def _smaller_or_cpu(gpus: int) -> str:
+    return f"pass --world-size {gpus} or less, or --device cpu" if gpus > 1 else "pass --device cpu"
+
+
+def torch_device(s: Settings) -> str:
+    """``"cuda"`` or ``"cpu"`` for the torch ranks; CompareError when ``--device gpu`` asks for
+    more GPUs than there are."""
+    _require("torch")
+    if s.device == "cpu":
+        return "cpu"
+    from .compare_torch import cuda_device_count
+
+    gpus = cuda_device_count()
+    if gpus >= s.world_size:
+        return "cuda"
+    if s.device == "gpu":
+        raise CompareError(
+            f"--world-size {s.world_size} is larger than the {gpus} CUDA device(s) torch sees; "
+            + _smaller_or_cpu(gpus)
+        )
+    return "cpu"
+
+
+def jax_devices(s: Settings) -> list[Any]:
+    """The first N devices for the JAX mesh; CompareError when there are fewer."""
+    _require("jax")
+    if "jax" not in sys.modules:  # N host devices; the flag is read when JAX starts its backends
+        flag = f"--xla_force_host_platform_device_count={s.world_size}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    from .compare_jax import devices
+
+    if s.device != "cpu":
+        gpus = devices("gpu")
+        if len(gpus) >= s.world_size:
+            return gpus[: s.world_size]
+        if s.device == "gpu":
+            raise CompareError(
+                f"--world-size {s.world_size} is larger than the {len(gpus)} GPU device(s) JAX "
+                "sees; " + _smaller_or_cpu(len(gpus))
+            )
+    cpus = devices("cpu")
+    if len(cpus) < s.world_size:
+        raise CompareError(
+            f"--world-size {s.world_size} is larger than the {len(cpus)} CPU devices JAX was "
+            "started with (it was imported before sp-compare could set "
+            "--xla_force_host_platform_device_count); run sp-compare in a fresh process"
+        )
+    return cpus[: s.world_size]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(placement: dict[str, str]) -> dict[str, Any]:
+    """The machine, the versions and where each backend ran, for the JSON record."""
+    return {
+        "tool": PROG,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "versions": {
+            d: _version(d) for d in ("sp-sharding", "torch", "jax", "jaxlib", "numpy", "ml_dtypes")
+        },
+        "placement": placement,
+    }
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+class Progress:
+    """A progress bar on stderr, drawn once the run has taken more than ``after_s`` seconds:
+    redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, after_s: float = 3.0, stream: TextIO = sys.stderr) -> None:
+        self.total, self.after_s, self.stream = total, after_s, stream
+        self.done, self.start, self.drawn = 0, time.monotonic(), False
+        self.tty = stream.isatty()
+
+    def step(self, backend: str, case: Case) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        if elapsed < self.after_s:
+            return
+        filled = 30 * self.done // self.total
+        bar = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
+        line = f"{bar} {backend} {case.op} {case.label} ({elapsed:.0f} s)"
+        self.stream.write(f"\r{line:<100}" if self.tty else f"{line}\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn and self.tty:
+            self.stream.write("\n")
+
+
+class Placement(NamedTuple):
+    """Where one backend runs: ``target`` is the torch device (``"cpu"``/``"cuda"``) or the
+    list of JAX devices; ``words`` says it for the header and the JSON record."""
+
+    backend: str
+    target: Any
+    words: str
+
+
+def placements(s: Settings) -> list[Placement]:
+    """Where each backend of ``s`` runs; CompareError when the machine cannot give it N ranks or
+    devices."""
+    found = []
+    if "torch" in s.backends:
+        device = torch_device(s)
+        kind = "NCCL on CUDA" if device == "cuda" else "gloo on the CPU"
+        found.append(Placement("torch", device, f"{s.world_size} ranks, {kind}"))
+    if "jax" in s.backends:
+        mesh = jax_devices(s)
+        found.append(Placement("jax", mesh, f"{s.world_size} {mesh[0].platform} devices"))
+    return found
+
+
+def run(s: Settings, cases: list[Case], jobs: list[Placement]) -> list[Row]:
+    """Every case on every backend of ``jobs``: rows in table order (op, length, backend)."""
+    found: dict[tuple[str, str, int], Row] = {}
+    progress = Progress(len(cases) * len(jobs))
+    try:
+        for job in jobs:
+            backend = job.backend
+            if backend == "torch":
+                from .compare_torch import run_cases as run_torch
+
+                results = run_torch(
+                    cases, s.world_size, job.target, lambda c: progress.step("torch", c)
+                )
+            else:
+                from .compare_jax import run_cases as run_jax
+
+                results = run_jax(cases, job.target, lambda c: progress.step("jax", c))
+            for case, ok, detail, times in results:
+                found[(case.op, backend, case.seq_len)] = Row(
+                    case, backend, ok, detail, tuple(times)
+                )
+    finally:
+        progress.close()
+    return [
+        found[(c.op, b, c.seq_len)]
+        for c in sorted(cases, key=lambda c: (OPS.index(c.op), c.seq_len))
+        for b in s.backends
+    ]
+
+
+def _settings_record(s: Settings) -> dict[str, Any]:
+    record = asdict(s)
+    record["json"], record["plot"] = (None if p is None else str(p) for p in (s.json, s.plot))
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison; 0 when every check passed, 1 when one failed, 2 for bad arguments."""
+    from .compare_torch import RankFailure
+
+    try:
+        s = parse_args(argv)
+        cases, notes = plan(s)
+        jobs = placements(s)
+        for note in notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+        rows = run(s, cases, jobs)
+    except CompareError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except RankFailure as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    placement = {job.backend: job.words for job in jobs}
+    where = "; ".join(f"{b}: {p}" for b, p in placement.items())
+    print(
+        f"{PROG}: world size {s.world_size}, {s.dtype}, dim {s.dim}; {where}; median of "
+        f"{s.repeats} repeats after {s.warmup} warm-up calls"
+    )
+    print(table(rows))
+    for note in footnotes(rows):
+        print(f"  {note}")
+    if s.json is not None:
+        write_json(s.json, record(rows, _settings_record(s), environment(placement)))
+        print(f"wrote {s.json}")
+    if s.plot is not None:
+        title = f"sp_common, world size {s.world_size}, {s.dtype}; {where}"
+        write_plot(s.plot, rows, title)
+        print(f"wrote {s.plot}")
+    return 0 if all(r.correct for r in rows) else 1
