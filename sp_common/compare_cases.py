@@ -163,12 +163,19 @@ def attention_rows(
 ) -> np.ndarray:
     """float64 softmax attention of query positions ``[start, stop)`` over every key.
 
-    Shapes: q, k, v ``[B, S, H, D]`` -> ``[B, stop - start, H, D]``; scale ``1/sqrt(D)``.
+    Shapes: q, k, v ``[B, S, H, D]`` -> ``[B, stop - start, H, D]``; scale ``1/sqrt(D)``. Query
+    rows go in blocks, so the scores never take more than about 256 MiB.
     """
-    scores = np.einsum("bqhd,bkhd->bhqk", q[:, start:stop], k) / math.sqrt(q.shape[-1])
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return np.einsum("bhqk,bkhd->bqhd", scores, v)
+    batch, seq, heads, _ = k.shape
+    rows = max(1, (1 << 25) // (batch * heads * seq))
+    out = []
+    for lo in range(start, stop, rows):
+        block_q = q[:, lo : min(lo + rows, stop)]
+        scores = np.einsum("bqhd,bkhd->bhqk", block_q, k) / math.sqrt(q.shape[-1])
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out.append(np.einsum("bhqk,bkhd->bqhd", scores, v))
+    return np.concatenate(out, axis=1)
 
 
 def expected_outputs(case: Case, full: list[np.ndarray], rank: int) -> list[np.ndarray]:

@@ -1,0 +1,221 @@
+"""Benchmarks of sp_common against the raw collectives and the straightforward peers (make bench).
+
+    .venv/bin/python benchmarks/run.py
+
+Every figure is a ratio of two things measured in this run, interleaved, on 4 gloo ranks
+(torch) or 4 JAX CPU devices: the median over many repeats of ours divided by the median of the
+baseline (torch: the slowest rank of each repeat). ``paired`` is the median and IQR of the
+per-repeat ratios, a measure of the noise. Not part of the test suite: timings on a shared
+machine are evidence, not pass/fail.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+WORLD = 4
+# Before JAX is first imported (by jax_bench, in jax_figures): WORLD host devices.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={WORLD}"]
+).strip()
+
+import numpy as np  # noqa: E402
+import torch_bench  # noqa: E402
+
+from sp_common.compare_torch import RankPool  # noqa: E402
+
+Timings = dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """``ours`` / ``baseline`` on one shape, with the target it is held to (None: reported)."""
+
+    what: str
+    shape: str
+    ours: str
+    baseline: str
+    times: Timings
+    target: float | None
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.times[self.ours]) / statistics.median(
+            self.times[self.baseline]
+        )
+
+    @property
+    def paired(self) -> tuple[float, float, float]:
+        """p25, median, p75 of the per-repeat ratios."""
+        r = np.array(self.times[self.ours]) / np.array(self.times[self.baseline])
+        p25, p50, p75 = np.percentile(r, [25, 50, 75])
+        return float(p25), float(p50), float(p75)
+
+    def row(self) -> list[str]:
+        p25, p50, p75 = self.paired
+        verdict = "-" if self.target is None else ("met" if self.ratio <= self.target else "MISSED")
+        return [
+            self.what,
+            self.shape,
+            _ms(self.times[self.ours]),
+            f"{_ms(self.times[self.baseline])} ({self.baseline})",
+            f"{self.ratio:.3f}",
+            f"{p50:.3f} [{p25:.2f}, {p75:.2f}]",
+            "-" if self.target is None else f"<= {self.target:g}",
+            verdict,
+        ]
+
+
+def _ms(times: list[float]) -> str:
+    return f"{statistics.median(times) * 1e3:.3f} ms"
+
+
+def slowest_rank(per_rank: list[Timings]) -> Timings:
+    """Per candidate and repeat, the slowest rank's time."""
+    return {
+        name: [max(ts) for ts in zip(*(r[name] for r in per_rank), strict=True)]
+        for name in per_rank[0]
+    }
+
+
+def _label(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def repeats_for(nbytes: int) -> int:
+    """More repeats for small (fast, noisy) tensors, fewer for large ones."""
+    return 300 if nbytes <= 1 << 21 else 80 if nbytes <= 1 << 25 else 30
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for i, row in enumerate([headers, *rows]):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def torch_figures(pool: RankPool) -> tuple[list[Figure], Timings, Any]:
+    """The torch ratios, the fixed-cost timings and the full-size allocations."""
+    figures: list[Figure] = []
+
+    def measure(task: Any, shape: tuple[int, ...], *args: Any) -> Timings:
+        nbytes = int(np.prod(shape)) * 4
+        return slowest_rank(pool.run(task, shape, *args, repeats_for(nbytes)))
+
+    def add(
+        what: str, shape: Any, t: Timings, pairs: Sequence[tuple[str, str, float | None]]
+    ) -> None:
+        figures.extend(Figure(what, _label(shape), a, b, t, target) for a, b, target in pairs)
+
+    flat = [(1, 1024, 256), (1, 4096, 1024), (1, 16384, 1024)]
+    for shape in flat:
+        t = measure(torch_bench.gather_flat, shape)
+        add("sp_gather dim 1", shape, t, [("sp_gather", "all_gather_single", 1.05)])
+    for shape in [(4, 1024, 256), (4, 4096, 1024)]:
+        t = measure(torch_bench.gather_batched, shape)
+        add("sp_gather dim 1", shape, t, [("sp_gather", "all_gather+cat", 1.0)])
+        add("sp_gather dim 1", shape, t, [("sp_gather", "raw dim 0", None)])
+        add("fix: gather into views", shape, t, [("all_gather into views", "all_gather+cat", None)])
+    for shape in [(1, 4096, 1024), (4, 4096, 256), (1, 16384, 1024)]:
+        t = measure(torch_bench.shard_copy, shape)
+        pairs = [("sp_shard", "narrow.contiguous", 1.1), ("sp_shard", "narrow.clone", 1.1)]
+        add("sp_shard dim 1", shape, t, pairs)
+    # Global [1, S, H, D]; each rank holds its block along the gather dim. 2 -> 1 is the Ulysses
+    # way in (scatter heads, gather the sequence), 1 -> 2 the way out.
+    for heads_layout in [(1, 4096, 16, 64), (1, 16384, 16, 64)]:
+        for scatter, gather in ((2, 1), (1, 2)):
+            t = measure(torch_bench.all_to_all, heads_layout, scatter, gather)
+            local = [
+                *heads_layout[:gather],
+                heads_layout[gather] // WORLD,
+                *heads_layout[gather + 1 :],
+            ]
+            add(f"sp_all_to_all {scatter} -> {gather}", local, t, [("sp_all_to_all", "raw", 1.1)])
+    for shape in flat[:2]:
+        t = measure(torch_bench.debug_cost, shape)
+        add("sp_gather in sp_debug()", shape, t, [("debug on", "debug off", None)])
+    fixed = pool.run(torch_bench.fixed_cost, 2000, 30)[0]
+    memory = pool.run(torch_bench.full_size_allocations, (1, 4096, 1024), (4, 4096, 256))[0]
+    return figures, fixed, memory
+
+
+def jax_figures() -> tuple[list[Figure], dict[str, Any]]:
+    """The JAX ratios, and the op counts of each candidate's compiled HLO."""
+    import jax_bench
+
+    mesh = jax_bench.mesh_of(WORLD)
+    figures, hlo = [], {}
+    for shape in [(1, 1024, 256), (1, 4096, 1024), (1, 16384, 1024), (4, 4096, 1024)]:
+        t, ops = jax_bench.gather_vs_reshard(mesh, shape, repeats_for(int(np.prod(shape)) * 4))
+        figures.append(
+            Figure("jax sp_gather dim 1", _label(shape), "sp_gather", "reshard", t, 1.05)
+        )
+        hlo[f"gather {_label(shape)}"] = ops
+    qkv = (1, 4096 * WORLD, 16, 64)
+    t, ops = jax_bench.all_to_all_vs_raw(mesh, qkv, repeats_for(int(np.prod(qkv)) * 4 // WORLD))
+    figures.append(
+        Figure("jax sp_all_to_all 2 -> 1", _label(qkv), "sp_all_to_all", "lax.all_to_all", t, 1.1)
+    )
+    hlo[f"all-to-all {_label(qkv)}"] = ops
+    return figures, hlo
+
+
+def print_fixed_cost(fixed: Timings) -> None:
+    print("\nfixed cost per call on a [1, 4, 1] tensor (rank 0 alone; median of 30 blocks of 2000)")
+    us = {name: statistics.median(t) * 1e6 for name, t in fixed.items()}
+    for name, value in us.items():
+        print(f"  {name:<16} {value:7.2f} us")
+    overhead = us["sp_shard"] - us["narrow.clone"]
+    verdict = "met" if overhead < 10 else "MISSED"
+    print(f"  fixed cost = sp_shard - narrow.clone = {overhead:.2f} us (target < 10 us: {verdict})")
+    print(
+        f"    dispatch, group, checks {us['sp_shard'] - us['autograd.shard']:.2f} us; autograd "
+        f"Function {us['autograd.shard'] - us['local_chunk']:.2f} us; get_world_size/get_rank "
+        f"{us['local_chunk'] - us['narrow.clone']:.2f} us"
+    )
+
+
+def print_memory(memory: list[dict[str, Any]]) -> None:
+    print("\nfull-size allocations per call (torch profiler, profile_memory=True, rank 0)")
+    for m in memory:
+        extra = len(m["ours"]) - len(m["raw"])
+        print(
+            f"  {m['what']}: {len(m['ours'])} of >= {m['full_bytes'] >> 20} MiB; "
+            f"{m['baseline']}: {len(m['raw'])}; extra: {extra}"
+        )
+        for a in m["ours"]:
+            print(f"      {a}")
+
+
+def main() -> int:
+    start = time.monotonic()
+    print(
+        f"sp_common benchmarks: {WORLD} gloo ranks / {WORLD} JAX CPU devices, float32, "
+        f"{os.cpu_count()} CPU cores",
+        flush=True,
+    )
+    with RankPool(WORLD) as pool:
+        figures, fixed, memory = torch_figures(pool)
+    jfigures, hlo = jax_figures()
+    headers = ["benchmark", "shape", "ours", "baseline", "ratio", "paired [p25, p75]", "target", ""]
+    print()
+    _print_table(headers, [f.row() for f in [*figures, *jfigures]])
+    print_fixed_cost(fixed)
+    print_memory(memory)
+    print("\nJAX compiled HLO op counts")
+    for name, per in hlo.items():
+        for who, ops in per.items():
+            print(f"  {name:<26} {who:<15} {ops}")
+    print(f"\ndone in {time.monotonic() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

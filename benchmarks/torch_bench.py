@@ -1,0 +1,253 @@
+"""torch benchmarks: functions that run on every rank of a ``RankPool`` (gloo on the CPU).
+
+Each timing function runs its candidates interleaved (the order rotates every repeat, so drift
+hits all of them alike), each call started right after a barrier, and returns every rank's
+seconds per call; ``run.py`` takes the slowest rank of each repeat and the median over repeats.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import sp_common.api
+from backend_torch import autograd, collectives
+from sp_common import sp_all_to_all, sp_debug, sp_gather, sp_shard
+
+Timings = dict[str, list[float]]
+
+
+def _label(shape: Any) -> str:
+    return "x".join(map(str, shape))
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> Timings:
+    """Seconds per call of each function, ``repeats`` calls each, interleaved, after a barrier."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            dist.barrier()
+            fns[name]()
+    times: Timings = {name: [] for name in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            dist.barrier()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _rank_shard(shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    """This rank's block of a seeded ``shape`` tensor along ``dim`` (different on every rank)."""
+    g = torch.Generator().manual_seed(dist.get_rank())
+    return torch.randn(shape, generator=g).chunk(dist.get_world_size(), dim)[0].contiguous()
+
+
+def _all_gather_flat(s: torch.Tensor) -> torch.Tensor:
+    """The raw collective: one ``all_gather_single`` of ``s``'s elements into a new 1-D tensor."""
+    out = s.new_empty((dist.get_world_size() * s.numel(),))
+    dist.all_gather_single(out, s.view(-1))
+    return out
+
+
+def gather_flat(shape: tuple[int, ...], repeats: int) -> Timings:
+    """``sp_gather`` of a ``[1, S, H]`` tensor on dim 1 vs the raw ``all_gather_single`` of the
+    same bytes into an output allocated per call (as ``sp_gather`` does)."""
+    s = _rank_shard(shape, 1)
+    fns = {"sp_gather": partial(sp_gather, s, 1), "all_gather_single": partial(_all_gather_flat, s)}
+    return interleaved(fns, repeats)
+
+
+def gather_batched(shape: tuple[int, ...], repeats: int) -> Timings:
+    """``sp_gather`` of a ``[B > 1, S, H]`` tensor on dim 1 vs the straightforward peer (list
+    ``all_gather`` + ``torch.cat``), the raw dim-0 ``all_gather_single`` of the same bytes (no
+    relayout: its result is ``[N*B, S/N, H]``), and a candidate fix: a list ``all_gather``
+    straight into strided views of the output (gloo copies each rank's block out of its own
+    receive buffer, so the views take the place of the ``[N, *shape]`` temporary and the
+    relayout copy)."""
+    s = _rank_shard(shape, 1)
+    n = dist.get_world_size()
+
+    def peer() -> torch.Tensor:
+        parts = [torch.empty_like(s) for _ in range(n)]
+        dist.all_gather(parts, s)
+        return torch.cat(parts, dim=1)
+
+    def raw_dim0() -> torch.Tensor:
+        out = s.new_empty((n * s.shape[0], *s.shape[1:]))
+        dist.all_gather_single(out, s)
+        return out
+
+    def into_views() -> torch.Tensor:
+        out = s.new_empty((s.shape[0], n * s.shape[1], *s.shape[2:]))
+        dist.all_gather(list(out.chunk(n, 1)), s)
+        return out
+
+    assert torch.equal(into_views(), sp_gather(s, 1))
+    fns = {
+        "sp_gather": lambda: sp_gather(s, 1),
+        "all_gather+cat": peer,
+        "raw dim 0": raw_dim0,
+        "all_gather into views": into_views,
+    }
+    return interleaved(fns, repeats)
+
+
+def shard_copy(shape: tuple[int, ...], repeats: int) -> Timings:
+    """``sp_shard`` on dim 1 vs ``narrow(...).contiguous()`` (a view when the dims before are 1)
+    and ``narrow(...).clone()`` (always a copy, as ``sp_shard``)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    n, r = dist.get_world_size(), dist.get_rank()
+    length = shape[1] // n
+    fns = {
+        "sp_shard": lambda: sp_shard(x, 1),
+        "narrow.contiguous": lambda: x.narrow(1, r * length, length).contiguous(),
+        "narrow.clone": lambda: x.narrow(1, r * length, length).clone(),
+    }
+    return interleaved(fns, repeats)
+
+
+def fixed_cost(calls: int, blocks: int) -> Timings:
+    """Seconds per call on a tiny ``[1, 4, 1]`` tensor, rank 0 alone (the others wait in a
+    barrier), of ``sp_shard`` and of its layers, to attribute the fixed cost:
+
+    - ``sp_shard``: the public call (dispatch, group, checks, autograd Function, copy)
+    - ``prepare``: dispatch + group resolution + world size + dim normalization
+    - ``autograd.shard``: the autograd Function around ``local_chunk``
+    - ``local_chunk``: ``get_world_size``/``get_rank`` + narrow + clone
+    - ``narrow.clone``: the copy alone
+    """
+    x = torch.arange(4.0).reshape(1, 4, 1)
+    g = dist.group.WORLD
+    fns: dict[str, Callable[[], Any]] = {
+        "sp_shard": lambda: sp_shard(x, 1),
+        "prepare": lambda: sp_common.api.prepare("sp_shard", x, 1, None),
+        "autograd.shard": lambda: autograd.shard(x, 1, g),
+        "local_chunk": lambda: collectives.local_chunk(x, 1, g),
+        "narrow.clone": lambda: x.narrow(1, 0, 1).clone(),
+    }
+    times: Timings = {name: [] for name in fns}
+    if dist.get_rank() == 0:
+        names = list(fns)
+        for i in range(blocks + 1):  # block 0 warms up
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                fn = fns[name]
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                if i:
+                    times[name].append((time.perf_counter() - start) / calls)
+    dist.barrier()
+    return times
+
+
+def all_to_all(shape: tuple[int, ...], scatter_dim: int, gather_dim: int, repeats: int) -> Timings:
+    """``sp_all_to_all`` vs the raw ``all_to_all_single`` plus exactly the relayout copies the
+    layout requires (written out by hand, in the tensor's own dtype)."""
+    x = _rank_shard(shape, gather_dim)
+    n = dist.get_world_size()
+
+    def raw() -> torch.Tensor:
+        dims = list(x.shape)
+        chunk = dims[scatter_dim] // n
+        send = x.reshape([*dims[:scatter_dim], n, chunk, *dims[scatter_dim + 1 :]])
+        send = send.movedim(scatter_dim, 0).contiguous()  # a copy unless the dims before are 1
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        out = list(send.shape[1:])
+        out[gather_dim] *= n
+        return recv.movedim(0, gather_dim).reshape(out)  # a copy unless the dims before are 1
+
+    fns = {"sp_all_to_all": lambda: sp_all_to_all(x, scatter_dim, gather_dim), "raw": raw}
+    return interleaved(fns, repeats)
+
+
+def debug_cost(shape: tuple[int, ...], repeats: int) -> Timings:
+    """``sp_gather`` on ``[1, S, H]`` with debug mode (a cross-rank shape check first) vs off."""
+    s = _rank_shard(shape, 1)
+
+    def debug_on() -> torch.Tensor:
+        with sp_debug():
+            return sp_gather(s, 1)
+
+    def debug_off() -> torch.Tensor:
+        with sp_debug(False):
+            return sp_gather(s, 1)
+
+    return interleaved({"debug on": debug_on, "debug off": debug_off}, repeats)
+
+
+def _full_size_allocations(fn: Callable[[], Any], full_bytes: int) -> list[str]:
+    """Every allocation of at least ``full_bytes`` during one call of ``fn`` (torch profiler,
+    ``profile_memory=True``), as ``"op (thread)"``; the gloo worker thread's are marked."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    gloo_threads = {e.thread for e in prof.events() if e.name.startswith("gloo:")}
+    found = []
+    for e in prof.events():
+        if e.self_cpu_memory_usage >= full_bytes:
+            parent = e.cpu_parent.name if e.cpu_parent is not None else "-"
+            where = "gloo worker" if e.thread in gloo_threads else "caller"
+            found.append(f"{e.name} in {parent} ({where}, {e.self_cpu_memory_usage >> 20} MiB)")
+    return found
+
+
+def full_size_allocations(
+    shape_flat: tuple[int, ...], shape_batched: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Full-size allocations of one call of each op and of its raw collective (full size: the
+    gathered tensor for gathers, this rank's tensor for all-to-alls).
+
+    Each entry: ``what``, ``baseline``, ``full_bytes``, ``ours`` and ``raw`` (the allocations).
+    """
+    n = dist.get_world_size()
+    found = []
+    for shape in (shape_flat, shape_batched):
+        s = _rank_shard(shape, 1)
+        full = s.numel() * s.element_size() * n
+        found.append(
+            {
+                "what": f"sp_gather {_label(shape)} dim 1",
+                "baseline": "all_gather_single",
+                "full_bytes": full,
+                "ours": _full_size_allocations(partial(sp_gather, s, 1), full),
+                "raw": _full_size_allocations(partial(_all_gather_flat, s), full),
+            }
+        )
+    heads = 16
+    seq_sharded = _rank_shard((1, shape_flat[1], heads, shape_flat[2] // heads), 1)
+    head_sharded = sp_all_to_all(seq_sharded, 2, 1)
+    per_rank = seq_sharded.numel() * seq_sharded.element_size()
+    send = seq_sharded.reshape(1, seq_sharded.shape[1], n, heads // n, -1).movedim(2, 0)
+    send = send.contiguous()
+
+    def raw_all_to_all() -> torch.Tensor:
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv
+
+    raw_allocs = _full_size_allocations(raw_all_to_all, per_rank)
+    for x, scatter, gather in ((seq_sharded, 2, 1), (head_sharded, 1, 2)):
+        found.append(
+            {
+                "what": f"sp_all_to_all {_label(x.shape)} {scatter} -> {gather}",
+                "baseline": "all_to_all_single, send buffer laid out",
+                "full_bytes": per_rank,
+                "ours": _full_size_allocations(
+                    partial(sp_all_to_all, x, scatter, gather), per_rank
+                ),
+                "raw": raw_allocs,
+            }
+        )
+    return found
