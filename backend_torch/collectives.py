@@ -25,6 +25,12 @@ def _as_flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor seen as uint8 with its shape kept but the last dim scaled by the item
+    size (a view, no copy): chunks along any dim stay the same elements."""
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
 def local_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """This rank's chunk of ``x`` along ``dim``: ``[.., S, ..] -> [.., S/N, ..]``, a contiguous
     copy that does not keep ``x`` alive."""
@@ -36,10 +42,12 @@ def local_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
 def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in rank order: ``[.., s, ..] -> [.., N*s, ..]``.
 
-    One ``all_gather_single`` (torch 2.13's name for ``all_gather_into_tensor``). When every
-    dim before ``dim`` has size 1, rank-major order is
-    already the output's memory order, so it gathers straight into the output; otherwise it
-    gathers into ``[N, *x.shape]`` and makes one relayout copy.
+    One collective, and no full-size temporary: when every dim before ``dim`` has size 1,
+    rank-major order is already the output's memory order, so one ``all_gather_single`` (torch
+    2.13's name for ``all_gather_into_tensor``) writes straight into the output; otherwise a list
+    ``all_gather`` writes each rank's block into its (strided) view of the output. While
+    torch.compile traces, the second case gathers into ``[N, *x.shape]`` and makes one relayout
+    copy (the functional collective needs a contiguous output).
     """
     n = dist.get_world_size(group)
     x = x.contiguous()
@@ -48,6 +56,12 @@ def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> t
     if math.prod(x.shape[:dim]) == 1:
         out = x.new_empty(out_shape)
         dist.all_gather_single(_as_flat_bytes(out), _as_flat_bytes(x), group=group)
+        return out
+    if not torch.compiler.is_compiling():
+        # A fresh [N, *shape] temporary plus a relayout page-faults a second full-size buffer on
+        # every call; gathering into views of the output does not (see benchmarks/).
+        out = x.new_empty(out_shape)
+        dist.all_gather(list(_as_bytes(out).chunk(n, dim)), _as_bytes(x), group=group)
         return out
     stacked = x.new_empty((n, *x.shape))
     dist.all_gather_single(_as_flat_bytes(stacked), _as_flat_bytes(x), group=group)
