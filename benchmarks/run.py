@@ -122,7 +122,6 @@ def torch_figures(pool: RankPool) -> tuple[list[Figure], Timings, Any]:
         t = measure(torch_bench.gather_batched, shape)
         add("sp_gather dim 1", shape, t, [("sp_gather", "all_gather+cat", 1.0)])
         add("sp_gather dim 1", shape, t, [("sp_gather", "raw dim 0", None)])
-        add("fix: gather into views", shape, t, [("all_gather into views", "all_gather+cat", None)])
     for shape in [(1, 4096, 1024), (4, 4096, 256), (1, 16384, 1024)]:
         t = measure(torch_bench.shard_copy, shape)
         pairs = [("sp_shard", "narrow.contiguous", 1.1), ("sp_shard", "narrow.clone", 1.1)]
