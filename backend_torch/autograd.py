@@ -51,7 +51,8 @@ class _GatherReduceScatterGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
+        func = "sp_gather(grad_rule='reduce_scatter') backward"
+        return reduce_scatter_along(grad, ctx.dim, ctx.group, func), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):

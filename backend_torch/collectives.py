@@ -68,9 +68,13 @@ def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> t
     return stacked.movedim(0, dim).reshape(out_shape)
 
 
-def reduce_scatter_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
+def reduce_scatter_along(
+    x: torch.Tensor, dim: int, group: ProcessGroup | None, func: str = "sp_reduce_scatter"
+) -> torch.Tensor:
     """Sum ``x`` over ranks and keep this rank's chunk along ``dim``:
-    ``[.., N*s, ..] -> [.., s, ..]``. One ``reduce_scatter_single`` in ``x``'s own dtype."""
+    ``[.., N*s, ..] -> [.., s, ..]``. One ``reduce_scatter_single`` in ``x``'s own dtype; a dtype
+    a gloo group cannot sum raises TypeError naming ``func`` first."""
+    check_summable(func, x, group)
     n = dist.get_world_size(group)
     shape = list(x.shape)
     chunk = shape[dim] // n
