@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sp_common.shapes import shard_bounds
+
 AxisName = str | tuple[str, ...]
 
 
@@ -47,7 +49,7 @@ def _empty(shape: list[int], dtype: Any, axis: AxisName, invariant: bool) -> jax
 
 def local_chunk(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
     """This device's chunk along ``dim``: ``[.., S, ..] -> [.., S/N, ..]`` (a dynamic_slice)."""
-    length = x.shape[dim] // lax.axis_size(axis)
+    _, length = shard_bounds(x.shape[dim], lax.axis_size(axis), 0)
     return lax.dynamic_slice_in_dim(x, lax.axis_index(axis) * length, length, axis=dim)
 
 

@@ -42,7 +42,8 @@ def local_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
 def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in rank order: ``[.., s, ..] -> [.., N*s, ..]``.
 
-    One collective, and no full-size temporary: when every dim before ``dim`` has size 1,
+    One collective, and no full-size temporary of its own (the process group may use a receive
+    buffer): when every dim before ``dim`` has size 1,
     rank-major order is already the output's memory order, so one ``all_gather_single`` (torch
     2.13's name for ``all_gather_into_tensor``) writes straight into the output; otherwise a list
     ``all_gather`` writes each rank's block into its (strided) view of the output. While

@@ -35,7 +35,8 @@ GRAD_RULES = ("slice", "reduce_scatter")
 
 class Backend:
     """Primitives over one framework. sp_common composes them; a backend never pads, unpads or
-    validates on its own.
+    checks arguments on its own (only framework-specific limits, such as the dtypes gloo can
+    sum).
 
     ``group`` arguments are already resolved with :meth:`resolve_group`.
     """
@@ -82,8 +83,8 @@ class Backend:
         raise NotImplementedError
 
     def valid_mask(self, like: Any, total: int, valid: int) -> Any:
-        """A bool vector of length ``total``, True at positions below ``valid``, on ``like``'s
-        device."""
+        """A bool vector of length ``total``, True at positions below ``valid`` (torch: on
+        ``like``'s device; JAX: placed by the enclosing computation)."""
         raise NotImplementedError
 
     def attention(self, q: Any, k: Any, v: Any, key_mask: Any, scale: float | None) -> Any:

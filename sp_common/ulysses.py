@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, TypeVar
 
-from .api import prepare, resolve, sp_shard
+from .api import resolve, sp_shard
 from .backend import backend_for
 from .plan import active_run
 from .shapes import pad_size_for
@@ -71,11 +71,14 @@ def sp_ulysses_attention(
     swapped all-to-all). World size 1 is plain attention.
 
     Raises:
-        ValueError: H is not divisible by N, q/k/v are not 4-d with equal ``[B, s, H]``, or
-            ``seq_len`` is outside ``[1, S_pad]``.
+        ValueError: H is not divisible by N, q/k/v are not 4-d with equal ``[B, s, H]`` (and q, k
+            equal D), or ``seq_len`` is outside ``[1, S_pad]``.
+        TypeError: k or v is not a tensor of q's framework, q/k/v do not share one floating
+            dtype, or ``scale`` is not a real number.
     """
     func = "sp_ulysses_attention"
-    backend, shape, _, g, n = prepare(func, q, 1, group)
+    backend, g, n = resolve(func, q, group)
+    shape = backend.shape(q)
     for arg, t in (("k", k), ("v", v)):
         if backend_for(func, t) is not backend:
             raise TypeError(

@@ -116,7 +116,13 @@ def zero_d_and_dim_cases() -> list[Case]:
             label = f"dim {type(bad_dim).__name__}"
             cases.append(Case(label, call, tuple(args), TypeError, says, names=names))
     cases += [
-        Case("0-d q", "sp_ulysses_attention", (T(()), Q, Q), ValueError, ("tensor is 0-d",)),
+        Case(
+            "0-d q",
+            "sp_ulysses_attention",
+            (T(()), Q, Q),
+            ValueError,
+            ("must be [B, S/N, H, D]", "got shapes ()"),
+        ),
         Case("gather_dim 2", "sp_all_to_all", (X, 0, 2), ValueError, ("dim=2 is out of range",)),
         Case("gather_dim None", "sp_all_to_all", (X, 0, None), TypeError, ("got None",)),
         Case(

@@ -38,8 +38,6 @@ CASES = [((2, 8, 3), 1, False), ((8, 3), 0, False), ((2, 10, 3), 1, True), ((3, 
 def test_torch_gradient_through_shard_and_gather_equals_single_device_bitwise(
     shape, dim, padded, n, torch_ranks
 ) -> None:
-    if not padded and shape[dim] % n:
-        pytest.skip("plain sp_shard needs a divisible length; covered by the padded cases")
     x, w = finite_inputs(shape)
     for rank, (grad, expected) in enumerate(
         torch_ranks(n).run(torch_tasks.gradients, x, dim, w, padded)
@@ -75,8 +73,6 @@ def _jax_loss(n: int, dim: int, padded: bool, check_vma: bool):
 def test_jax_gradient_through_shard_and_gather_equals_single_device_bitwise(
     shape, dim, padded, n, check_vma
 ) -> None:
-    if not padded and shape[dim] % n:
-        pytest.skip("plain sp_shard needs a divisible length; covered by the padded cases")
     x, w = finite_inputs(shape)
     loss = _jax_loss(n, dim, padded, check_vma)
     with jax.set_mesh(mesh_of(n)):
