@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned: this takes the local CPU wheel; an unpinned torch pulls GBs of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
+	# jax[cpu] pins the CPU jaxlib (the package extra stays plain jax for GPU users).
+	$(PY) -m pip install -q torch==2.13.0 "jax[cpu]>=0.10"
 	$(PY) -m pip install -q -e ".[torch,jax,test,dev,plot]"
 	touch $(STAMP)
 
