@@ -117,6 +117,7 @@ def _gather_hook(path: str, specs: list[GatherOutput]) -> Any:
             if not isinstance(output, (tuple, list)) or not -len(output) <= spec.index < len(
                 output
             ):
+                run.abandon()
                 raise PlanError(
                     f"{path or '<model>'} output[{spec.index}]: the output is "
                     f"{type(output).__name__}"

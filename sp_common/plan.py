@@ -161,15 +161,20 @@ class PlanRun:
     def gather(self, path: str, spec: GatherOutput, value: Any) -> Any:
         """Gather ``value`` (an output of module ``path``), removing the padding of its name."""
         where = f"{path or '<model>'} output" + ("" if spec.index is None else f"[{spec.index}]")
+        # Closed first: if the checks below raise, the end of the forward pass must not report
+        # the same name again as "never gathered".
+        self.open.pop(spec.name, None)
         _checked_shape(where, value, spec.ndim)
         if spec.name not in self.pads:
             raise PlanError(
                 f"{where}: gathers {spec.name!r}, which no ShardInput has sharded in this forward "
                 "pass; check the order of the modules in the plan."
             )
-        out = sp_gather(value, spec.dim, pad_size=self.pads[spec.name])
-        self.open.pop(spec.name, None)
-        return out
+        return sp_gather(value, spec.dim, pad_size=self.pads[spec.name])
+
+    def abandon(self) -> None:
+        """Forget the open names: the forward pass is failing with an error of its own."""
+        self.open.clear()
 
     def finish(self) -> None:
         """Raise if a name sharded in this forward pass was not gathered."""
