@@ -51,13 +51,22 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, device: str, tasks: Any, results: Any) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    device: str,
+    collective_timeout_s: float,
+    tasks: Any,
+    results: Any,
+) -> None:
     """Body of one rank: join the process group, then run tasks until told to stop."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -71,7 +80,7 @@ def _worker(rank: int, world_size: int, port: int, device: str, tasks: Any, resu
             "nccl" if device == "cuda" else "gloo",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=timedelta(seconds=collective_timeout_s),
         )
     except BaseException:
         results.put((rank, "ready", ("error", traceback.format_exc())))
@@ -81,10 +90,10 @@ def _worker(rank: int, world_size: int, port: int, device: str, tasks: Any, resu
         job = tasks.get()
         if job is None:
             break
-        call_id, module, name, args = job
+        call_id, module, name, args, kwargs = job
         try:
             fn = getattr(importlib.import_module(module), name)
-            results.put((rank, call_id, ("ok", fn(*args))))
+            results.put((rank, call_id, ("ok", fn(*args, **kwargs))))
         except BaseException:  # report everything; the parent decides
             results.put((rank, call_id, ("error", traceback.format_exc())))
     dist.destroy_process_group()
@@ -92,26 +101,50 @@ def _worker(rank: int, world_size: int, port: int, device: str, tasks: Any, resu
 
 class RankPool:
     """``world_size`` spawned processes, the ranks of one process group on ``device``
-    (``"cpu"``: gloo; ``"cuda"``: NCCL, rank r on GPU r)."""
+    (``"cpu"``: gloo; ``"cuda"``: NCCL, rank r on GPU r). A rank left alone in a collective
+    raises after ``collective_timeout_s``."""
 
-    def __init__(self, world_size: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        world_size: int,
+        device: str = "cpu",
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+    ) -> None:
         self.world_size, self.device = world_size, device
+        self.collective_timeout_s = collective_timeout_s
         self._calls = 0
+        self._start()
+
+    def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
-        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world_size, port, device, self._tasks[r], self._results),
+                args=(
+                    r,
+                    self.world_size,
+                    port,
+                    self.device,
+                    self.collective_timeout_s,
+                    self._tasks[r],
+                    self._results,
+                ),
                 daemon=True,
             )
-            for r in range(world_size)
+            for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
         self._expect("ready", START_TIMEOUT_S, "start")
+
+    def _submit(self, task: Callable[..., Any], args: tuple, kwargs: dict) -> int:
+        self._calls += 1
+        for q in self._tasks:
+            q.put((self._calls, task.__module__, task.__name__, args, kwargs))
+        return self._calls
 
     def __enter__(self) -> RankPool:
         return self
@@ -153,12 +186,13 @@ class RankPool:
             raise RankFailure(f"{what} failed on torch rank(s): {reason}{detail}")
         return [got[r][1] for r in range(self.world_size)]
 
-    def run(self, task: Callable[..., Any], *args: Any, timeout_s: float = 1800.0) -> list[Any]:
-        """``task(*args)`` on every rank (a module-level function); results in rank order."""
-        self._calls += 1
-        for q in self._tasks:
-            q.put((self._calls, task.__module__, task.__name__, args))
-        return self._expect(self._calls, timeout_s, task.__name__)
+    def run(
+        self, task: Callable[..., Any], *args: Any, timeout_s: float = 1800.0, **kwargs: Any
+    ) -> list[Any]:
+        """``task(*args, **kwargs)`` on every rank (a module-level function); results in rank
+        order. Any failure stops the ranks and raises :class:`RankFailure`."""
+        call_id = self._submit(task, args, kwargs)
+        return self._expect(call_id, timeout_s, task.__name__)
 
     def close(self) -> None:
         """Stop the ranks (killing any that do not stop within 2 s)."""
