@@ -9,6 +9,8 @@ from functools import partial
 import jax
 from jax import lax
 
+from sp_common.grad_rules import GatherGradRule, ShardGradRule
+
 from .collectives import (
     AxisName,
     all_gather_along,
@@ -68,16 +70,38 @@ def _gather_rs_bwd(dim: int, axis: AxisName, _: None, grad: jax.Array) -> tuple[
 _gather_reduce_scatter_grad.defvjp(_gather_rs_fwd, _gather_rs_bwd)
 
 
-def shard(x: jax.Array, dim: int, axis: AxisName) -> jax.Array:
-    """Backward: gather of the gradient for a replicated ``x`` (the contract). An ``x`` typed as
-    varying over ``axis`` holds different data per device; JAX's own transpose of the slice is
-    then the exact gradient."""
-    if vma_tracked(axis) and varies_over(x, axis):
+def shard(x: jax.Array, dim: int, axis: AxisName, grad_rule: ShardGradRule) -> jax.Array:
+    """``"gather"``: the backward is the gather of the gradient (a replicated ``x``, one loss).
+    ``"local"``: JAX's own transpose of the slice, this device's gradient chunk in place with
+    zeros elsewhere (a per-device ``x`` or per-device loss terms; with ``check_vma=True`` the
+    transpose of an ``x`` typed varying)."""
+    if grad_rule == "local":
         return local_chunk(x, dim, axis)
     return _shard_replicated(x, dim, axis)
 
 
-def gather(x: jax.Array, dim: int, axis: AxisName, grad_rule: str) -> jax.Array:
+def check_shard_rule(func: str, x: jax.Array, axis: AxisName, grad_rule: ShardGradRule) -> None:
+    """Under ``check_vma=True`` JAX knows whether ``x`` varies over ``axis``: refuse the rule
+    that does not match (``"gather"`` of a varying ``x`` would sum its per-device gradients
+    twice; ``"local"`` of an invariant one cannot return a per-device gradient)."""
+    if not vma_tracked(axis):
+        return
+    varying = varies_over(x, axis)
+    if grad_rule == "gather" and varying:
+        raise ValueError(
+            f"{func}: the tensor varies over mesh axis {axis!r} (its values, or its gradient, "
+            "differ per device, e.g. the output of sp_gather(..., grad_rule='reduce_scatter')), "
+            "so its gradient is per-device; pass grad_rule='local'."
+        )
+    if grad_rule == "local" and not varying:
+        raise ValueError(
+            f"{func}: grad_rule='local' needs a tensor that varies over mesh axis {axis!r}, but "
+            "this one is device-invariant (replicated), so its gradient is the whole gradient; "
+            "leave grad_rule out (the default 'gather')."
+        )
+
+
+def gather(x: jax.Array, dim: int, axis: AxisName, grad_rule: GatherGradRule) -> jax.Array:
     """Backward: this device's slice (``"slice"``) or the reduce-scatter sum."""
     if vma_tracked(axis) and not varies_over(x, axis):
         # An invariant input: cast it to varying first; JAX transposes that cast to a psum, which

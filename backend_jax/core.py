@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sp_common.backend import Backend
+from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group
 from sp_common.shapes import DtypeKind, is_axis_name
 
@@ -64,10 +65,17 @@ class JaxBackend(Backend):
         except NameError:
             return 0
 
-    def shard(self, x: jax.Array, dim: int, group: AxisName) -> jax.Array:
-        return autograd.shard(x, dim, group)
+    def shard(self, x: jax.Array, dim: int, group: AxisName, grad_rule: ShardGradRule) -> jax.Array:
+        return autograd.shard(x, dim, group, grad_rule)
 
-    def gather(self, x: jax.Array, dim: int, group: AxisName, grad_rule: str) -> jax.Array:
+    def check_shard_rule(
+        self, func: str, x: jax.Array, group: AxisName, grad_rule: ShardGradRule
+    ) -> None:
+        autograd.check_shard_rule(func, x, group, grad_rule)
+
+    def gather(
+        self, x: jax.Array, dim: int, group: AxisName, grad_rule: GatherGradRule
+    ) -> jax.Array:
         return autograd.gather(x, dim, group, grad_rule)
 
     def reduce_scatter(self, x: jax.Array, dim: int, group: AxisName) -> jax.Array:

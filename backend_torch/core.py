@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sp_common.backend import Backend
 from sp_common.debug import debug_enabled
+from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group, active_group_traceable, guard_identity
 from sp_common.shapes import DtypeKind
 
@@ -65,10 +66,19 @@ class TorchBackend(Backend):
     def rank(self, group: dist.ProcessGroup | None) -> int:
         return 0 if group is None else dist.get_rank(group)
 
-    def shard(self, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-        return autograd.shard(x, dim, group)
+    def shard(
+        self, x: torch.Tensor, dim: int, group: Any, grad_rule: ShardGradRule
+    ) -> torch.Tensor:
+        return autograd.shard(x, dim, group, grad_rule)
 
-    def gather(self, x: torch.Tensor, dim: int, group: Any, grad_rule: str) -> torch.Tensor:
+    def check_shard_rule(
+        self, func: str, x: torch.Tensor, group: Any, grad_rule: ShardGradRule
+    ) -> None:
+        autograd.check_shard_rule(func, x, group, grad_rule)
+
+    def gather(
+        self, x: torch.Tensor, dim: int, group: Any, grad_rule: GatherGradRule
+    ) -> torch.Tensor:
         return autograd.gather(x, dim, group, grad_rule)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:

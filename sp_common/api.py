@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from .backend import GRAD_RULES, Backend, backend_for, backend_named
+from .backend import Backend, backend_for, backend_named
+from .grad_rules import gather_rule, shard_rule
 from .shapes import (
     check_divisible,
     check_pad_size,
@@ -32,7 +33,9 @@ def prepare(
     return backend, shape, normalize_dim(func, dim, shape), g, n
 
 
-def sp_shard(tensor: T, dim: int, validate: bool = True, *, group: Any = None) -> T:
+def sp_shard(
+    tensor: T, dim: int, validate: bool = True, *, group: Any = None, grad_rule: str | None = None
+) -> T:
     """This rank's chunk of ``tensor`` along ``dim``.
 
     Shapes: ``[..., S, ...] -> [..., S / N, ...]`` where N is the SP world size; rank r gets
@@ -45,10 +48,17 @@ def sp_shard(tensor: T, dim: int, validate: bool = True, *, group: Any = None) -
             and dtype (torch). The local checks (dim range, divisibility) always run.
         group: the SP group for this call: a torch ``ProcessGroup`` or a JAX mesh axis name
             (default: the innermost ``sp_group`` block, else the default group / axis ``"sp"``).
+        grad_rule: ``"gather"`` (the default): every rank computes the same loss, so the
+            backward gathers the gradient chunks and every rank gets the whole gradient of the
+            replicated ``tensor``. ``"local"``: each rank computes its own term of the loss (as
+            after ``sp_gather(..., grad_rule="reduce_scatter")``), so the backward is this rank's
+            gradient chunk in place with zeros elsewhere; the terms sum to the whole gradient.
+            Inside a torch module with an applied ``SPPlan`` the default is ``"local"`` (see
+            ``sp_common.grad_rules``).
 
     Returns:
         torch: a contiguous tensor that owns its memory. JAX: a ``dynamic_slice`` by
-        ``axis_index``. World size 1 returns ``tensor`` itself. Backward: gather of the gradient.
+        ``axis_index``. World size 1 returns ``tensor`` itself.
 
     Raises:
         ValueError: ``S`` is not divisible by N (use :func:`sp_shard_with_padding`), ``dim`` is
@@ -56,12 +66,14 @@ def sp_shard(tensor: T, dim: int, validate: bool = True, *, group: Any = None) -
         TypeError: ``tensor`` is not a supported tensor type.
     """
     backend, shape, d, g, n = prepare("sp_shard", tensor, dim, group)
+    rule = shard_rule("sp_shard", grad_rule, backend.framework)
     check_divisible("sp_shard", shape, d, n)
     if n == 1:
         return tensor
+    backend.check_shard_rule("sp_shard", tensor, g, rule)
     if validate:
         backend.check_consistent("sp_shard", tensor, d, g)
-    return backend.shard(tensor, d, g)
+    return backend.shard(tensor, d, g, rule)
 
 
 def sp_gather(
@@ -71,7 +83,7 @@ def sp_gather(
     *,
     pad_size: int = 0,
     group: Any = None,
-    grad_rule: str = "slice",
+    grad_rule: str | None = None,
 ) -> T:
     """All ranks' shards concatenated along ``dim`` in rank order, minus ``pad_size`` at the end.
 
@@ -85,34 +97,35 @@ def sp_gather(
         pad_size: elements to drop from the end of ``dim`` after gathering (the ``pad_size``
             returned by :func:`sp_shard_with_padding`).
         group: the SP group for this call (see :func:`sp_shard`).
-        grad_rule: ``"slice"`` (default): the computation after the gather is replicated on
-            every rank, so the backward is this rank's slice of the gradient.
+        grad_rule: ``"slice"`` (the default): the computation after the gather is replicated
+            on every rank, so the backward is this rank's slice of the gradient.
             ``"reduce_scatter"``: ranks compute different terms of one loss, so the backward sums
-            the gradients over ranks and keeps this rank's slice.
+            the gradients over ranks and keeps this rank's slice. Inside a torch module with an
+            applied ``SPPlan`` the default is ``"reduce_scatter"``.
 
     Returns:
         The gathered tensor. torch: one collective; it gathers straight into the output when
         every dim before ``dim`` has size 1. JAX: ``all_gather(tiled=True)``, device-invariant
         under ``grad_rule="slice"`` (so ``out_specs=P()`` is accepted with ``check_vma=True``).
     """
-    if grad_rule not in GRAD_RULES:
-        raise ValueError(
-            f"sp_gather: grad_rule={grad_rule!r} is not one of {GRAD_RULES}; use 'slice' when "
-            "every rank computes the same loss after the gather, 'reduce_scatter' when ranks "
-            "compute different terms of one loss."
-        )
     backend, shape, d, g, n = prepare("sp_gather", tensor, dim, group)
+    rule = gather_rule("sp_gather", grad_rule, backend.framework)
     full_shape = (*shape[:d], shape[d] * n, *shape[d + 1 :])
     p = check_pad_size("sp_gather", pad_size, full_shape, d)
     if n > 1:
         if validate:
             backend.check_consistent("sp_gather", tensor, d, g)
-        tensor = backend.gather(tensor, d, g, grad_rule)
+        tensor = backend.gather(tensor, d, g, rule)
     return backend.prefix(tensor, d, full_shape[d] - p) if p else tensor
 
 
 def sp_shard_with_padding(
-    tensor: T, dim: int, pad_value: float = 0.0, *, group: Any = None
+    tensor: T,
+    dim: int,
+    pad_value: float = 0.0,
+    *,
+    group: Any = None,
+    grad_rule: str | None = None,
 ) -> tuple[T, int]:
     """Pad ``tensor`` at the end of ``dim`` to a multiple of N, then shard it.
 
@@ -123,17 +136,20 @@ def sp_shard_with_padding(
 
     ``pad_value`` is cast to the tensor's dtype; a value the dtype cannot hold (1.5 or NaN for an
     integer dtype, 300 for uint8, 1e6 for float16) raises ValueError. Undo the padding with
-    ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`.
+    ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`. ``grad_rule`` as in
+    :func:`sp_shard`.
     """
     backend, shape, d, g, n = prepare("sp_shard_with_padding", tensor, dim, group)
+    rule = shard_rule("sp_shard_with_padding", grad_rule, backend.framework)
     kind, lo, hi, dtype_name = backend.dtype_info(tensor)
     check_pad_value("sp_shard_with_padding", pad_value, kind, lo, hi, dtype_name)
     if n == 1:
         return tensor, 0
     p = pad_size_for(shape[d], n)
+    backend.check_shard_rule("sp_shard_with_padding", tensor, g, rule)
     backend.check_consistent("sp_shard_with_padding", tensor, d, g)
     padded = backend.pad_end(tensor, d, p, pad_value) if p else tensor
-    return backend.shard(padded, d, g), p
+    return backend.shard(padded, d, g, rule), p
 
 
 def sp_unpad(tensor: T, dim: int, pad_size: int) -> T:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, ClassVar
 
+from .grad_rules import GatherGradRule, ShardGradRule
 from .shapes import DtypeKind
 
 _FRAMEWORKS = ("torch", "jax")
@@ -29,8 +30,6 @@ def _load(framework: str) -> Backend:
 
 
 _SUPPORTED = "torch.Tensor or jax.Array (including tracers inside jit/shard_map)"
-
-GRAD_RULES = ("slice", "reduce_scatter")
 
 
 class Backend:
@@ -63,12 +62,18 @@ class Backend:
     def rank(self, group: Any) -> Any:
         raise NotImplementedError
 
-    def shard(self, x: Any, dim: int, group: Any) -> Any:
+    def shard(self, x: Any, dim: int, group: Any, grad_rule: ShardGradRule) -> Any:
         """This rank's chunk of ``x`` along ``dim`` (size divisible by the world size).
-        Backward: gather of the gradient."""
+        Backward: gather of the gradient (``"gather"``), or this rank's gradient chunk in place
+        with zeros elsewhere (``"local"``)."""
         raise NotImplementedError
 
-    def gather(self, x: Any, dim: int, group: Any, grad_rule: str) -> Any:
+    def check_shard_rule(self, func: str, x: Any, group: Any, grad_rule: ShardGradRule) -> None:
+        """Raise ValueError where the backend can tell that ``grad_rule`` does not match ``x``
+        (``"gather"`` of a tensor whose gradient is per rank, ``"local"`` of a replicated one);
+        a no-op where it cannot tell."""
+
+    def gather(self, x: Any, dim: int, group: Any, grad_rule: GatherGradRule) -> Any:
         """All ranks' chunks concatenated along ``dim`` in rank order. Backward: this rank's
         slice (``"slice"``) or the reduce-scatter sum (``"reduce_scatter"``)."""
         raise NotImplementedError
