@@ -6,12 +6,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sp_common.backend import Backend
 from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group
-from sp_common.shapes import DtypeKind, is_axis_name
+from sp_common.shapes import DtypeInfo, is_axis_name
 
 from . import autograd
 from .collectives import AxisName
@@ -28,18 +29,26 @@ class JaxBackend(Backend):
     def shape(self, x: jax.Array) -> tuple[int, ...]:
         return tuple(x.shape)
 
-    def dtype_info(self, x: jax.Array) -> tuple[DtypeKind, float, float, str]:
-        dt = x.dtype
+    def dtype_info(self, x: jax.Array) -> DtypeInfo:
+        dt, name = x.dtype, str(x.dtype)
         if dt == jnp.bool_:
-            return "bool", 0, 1, str(dt)
-        if jnp.issubdtype(dt, jnp.complexfloating):
-            info = jnp.finfo(dt)
-            return "complex", float(info.min), float(info.max), str(dt)
-        if jnp.issubdtype(dt, jnp.floating):
-            finfo = jnp.finfo(dt)
-            return "float", float(finfo.min), float(finfo.max), str(dt)
+            return DtypeInfo("bool", 0, 1, name, has_inf=False, has_nan=False)
+        if jnp.issubdtype(dt, jnp.inexact):
+            finfo = jnp.finfo(dt)  # of each part for complex dtypes
+            # finfo does not say whether infinities and NaN exist; the cast does (float8_e4m3fn
+            # turns inf into NaN, float4_e2m1fn turns inf into 6 and NaN into -0).
+            with np.errstate(all="ignore"):
+                inf, nan = np.array([np.inf, np.nan], np.float32).astype(finfo.dtype)
+            return DtypeInfo(
+                "complex" if jnp.issubdtype(dt, jnp.complexfloating) else "float",
+                float(finfo.min),
+                float(finfo.max),
+                name,
+                has_inf=bool(np.isinf(inf)),
+                has_nan=bool(np.isnan(nan)),
+            )
         iinfo = jnp.iinfo(dt)
-        return "int", int(iinfo.min), int(iinfo.max), str(dt)
+        return DtypeInfo("int", int(iinfo.min), int(iinfo.max), name, has_inf=False, has_nan=False)
 
     def resolve_group(self, func: str, group: Any) -> AxisName:
         if group is None:
@@ -103,6 +112,10 @@ class JaxBackend(Backend):
     def pad_end(self, x: jax.Array, dim: int, pad: int, value: Any) -> jax.Array:
         config = [(0, 0, 0)] * x.ndim
         config[dim] = (0, pad, 0)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+            # torch casts a Python float to a narrower float dtype through float32; so do we, or
+            # some values (1 + 2**-8 + 2**-40 into bfloat16) round the other way than in torch.
+            value = np.float32(value)
         return lax.pad(x, jnp.asarray(value, dtype=x.dtype), config)
 
     def prefix(self, x: jax.Array, dim: int, length: int) -> jax.Array:

@@ -1,7 +1,9 @@
 """Raw torch.distributed data movement along a dimension, with no autograd.
 
 Every gather moves bytes: the tensors are bit-cast to uint8 (a free view), so any dtype moves
-bitwise over any backend, including dtypes gloo cannot reduce (int16, float8, complex).
+bitwise over any backend, including dtypes gloo cannot reduce (int16, float8, complex). Inputs
+go through :func:`_movable` first, because the bytes must be the values: a lazy conjugate or
+negative view (``x.conj()``) is resolved, a copy just as for a strided input.
 Dynamo rewrites these c10d calls into functional collectives, so they also trace under
 ``torch.compile(fullgraph=True)``.
 """
@@ -19,16 +21,40 @@ from sp_common.shapes import shard_bounds
 ProcessGroup = dist.ProcessGroup
 
 
+def _movable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as contiguous memory whose bytes are its values: a lazy conjugate or negative view
+    (``x.conj()``, ``x.conj().imag``), whose memory holds the values before the conjugation, is
+    resolved. At most one copy: ``contiguous()`` copies a strided view and resolves it too."""
+    return x.contiguous().resolve_conj().resolve_neg()
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor whose last stride is 1, as ``view(torch.uint8)`` needs: ``t`` itself,
+    or ``t`` viewed with the strides ``torch.empty`` gives its shape (the same memory, no copy).
+
+    torch calls a tensor contiguous whatever the strides of its size-1 dims (and of an empty
+    tensor): ``x.reshape(2, 1, 4).transpose(1, 2)`` has strides (4, 1, 4), and ``contiguous()``
+    and ``view(-1)`` (of one element) keep such strides.
+    """
+    if t.stride(-1) == 1:
+        return t
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return t.as_strided(t.shape, strides[::-1])
+
+
 def _as_flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor seen as a 1-D uint8 buffer (a view, no copy)."""
-    flat = t.view(-1)
+    flat = _dense(t).view(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor seen as uint8 with its shape kept but the last dim scaled by the item
     size (a view, no copy): chunks along any dim stay the same elements."""
-    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+    return t if t.dtype == torch.uint8 else _dense(t).view(torch.uint8)
 
 
 def local_chunk(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -51,7 +77,7 @@ def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> t
     copy (the functional collective needs a contiguous output).
     """
     n = dist.get_world_size(group)
-    x = x.contiguous()
+    x = _movable(x)
     out_shape = list(x.shape)
     out_shape[dim] *= n
     if math.prod(x.shape[:dim]) == 1:
@@ -80,7 +106,8 @@ def reduce_scatter_along(
     shape = list(x.shape)
     chunk = shape[dim] // n
     # Rank-major input: [N, ..., s, ...]; a view (no copy) when the dims before `dim` are 1.
-    rank_major = x.reshape([*shape[:dim], n, chunk, *shape[dim + 1 :]]).movedim(dim, 0).contiguous()
+    # Movable: a sum over the memory of x.conj() would add the unconjugated values.
+    rank_major = _movable(x.reshape([*shape[:dim], n, chunk, *shape[dim + 1 :]]).movedim(dim, 0))
     out_shape = [*shape[:dim], chunk, *shape[dim + 1 :]]
     out = x.new_empty(out_shape)
     dist.reduce_scatter_single(out.view(-1), rank_major.view(-1), group=group)
@@ -167,7 +194,7 @@ def all_to_all_along(
     chunk = shape[scatter_dim] // n
     # Rank-major send buffer [N, ..., c, ...]: chunk j is contiguous block j.
     send = x.reshape([*shape[:scatter_dim], n, chunk, *shape[scatter_dim + 1 :]])
-    send = send.movedim(scatter_dim, 0).contiguous()
+    send = _movable(send.movedim(scatter_dim, 0))
     recv = torch.empty_like(send)
     dist.all_to_all_single(_as_flat_bytes(recv), _as_flat_bytes(send), group=group)
     # recv[j] is rank j's chunk (shape with `chunk` at scatter_dim); lay them along gather_dim.

@@ -12,7 +12,7 @@ from sp_common.backend import Backend
 from sp_common.debug import debug_enabled
 from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group, active_group_traceable, guard_identity
-from sp_common.shapes import DtypeKind
+from sp_common.shapes import DtypeInfo
 
 from . import autograd, collectives
 
@@ -31,18 +31,26 @@ class TorchBackend(Backend):
     def shape(self, x: torch.Tensor) -> tuple[int, ...]:
         return tuple(x.shape)
 
-    def dtype_info(self, x: torch.Tensor) -> tuple[DtypeKind, float, float, str]:
-        dt = x.dtype
+    def dtype_info(self, x: torch.Tensor) -> DtypeInfo:
+        dt, name = x.dtype, str(x.dtype)
         if dt == torch.bool:
-            return "bool", 0, 1, str(dt)
-        if dt.is_complex:
-            info = torch.finfo(torch.float32 if dt == torch.complex64 else torch.float64)
-            return "complex", info.min, info.max, str(dt)
-        if dt.is_floating_point:
-            finfo = torch.finfo(dt)
-            return "float", finfo.min, finfo.max, str(dt)
+            return DtypeInfo("bool", 0, 1, name, has_inf=False, has_nan=False)
+        if dt.is_complex or dt.is_floating_point:
+            finfo = torch.finfo(dt)  # of each part for complex dtypes (complex32: float16)
+            # finfo does not say whether infinities exist; the float8 names do: in e<E>m<M><flags>
+            # the flag "f" means finite (no inf), as in e4m3fn, e4m3fnuz, e5m2fnuz, e8m0fnu.
+            # Every torch float dtype has a NaN. (Read from the name: Dynamo can trace it.)
+            flags = name.partition("_e")[2].lstrip("0123456789m")
+            return DtypeInfo(
+                "complex" if dt.is_complex else "float",
+                finfo.min,
+                finfo.max,
+                name,
+                has_inf="f" not in flags,
+                has_nan=True,
+            )
         iinfo = torch.iinfo(dt)
-        return "int", iinfo.min, iinfo.max, str(dt)
+        return DtypeInfo("int", iinfo.min, iinfo.max, name, has_inf=False, has_nan=False)
 
     def resolve_group(self, func: str, group: Any) -> dist.ProcessGroup | None:
         compiling = torch.compiler.is_compiling()

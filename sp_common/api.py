@@ -141,14 +141,13 @@ def sp_shard_with_padding(
     """
     backend, shape, d, g, n = prepare("sp_shard_with_padding", tensor, dim, group)
     rule = shard_rule("sp_shard_with_padding", grad_rule, backend.framework)
-    kind, lo, hi, dtype_name = backend.dtype_info(tensor)
-    check_pad_value("sp_shard_with_padding", pad_value, kind, lo, hi, dtype_name)
+    fill = check_pad_value("sp_shard_with_padding", pad_value, backend.dtype_info(tensor))
     if n == 1:
         return tensor, 0
     p = pad_size_for(shape[d], n)
     backend.check_shard_rule("sp_shard_with_padding", tensor, g, rule)
     backend.check_consistent("sp_shard_with_padding", tensor, d, g)
-    padded = backend.pad_end(tensor, d, p, pad_value) if p else tensor
+    padded = backend.pad_end(tensor, d, p, fill) if p else tensor
     return backend.shard(padded, d, g, rule), p
 
 

@@ -11,7 +11,7 @@ import sys
 from typing import Any, ClassVar
 
 from .grad_rules import GatherGradRule, ShardGradRule
-from .shapes import DtypeKind
+from .shapes import DtypeInfo
 
 _FRAMEWORKS = ("torch", "jax")
 
@@ -48,8 +48,8 @@ class Backend:
     def shape(self, x: Any) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def dtype_info(self, x: Any) -> tuple[DtypeKind, float, float, str]:
-        """(kind, lowest, highest, name) of ``x``'s dtype."""
+    def dtype_info(self, x: Any) -> DtypeInfo:
+        """The facts about ``x``'s dtype that the argument checks need."""
         raise NotImplementedError
 
     def resolve_group(self, func: str, group: Any) -> Any:

@@ -54,8 +54,7 @@ def sp_reduce_scatter(tensor: T, dim: int, *, group: Any = None) -> T:
         TypeError: a bool tensor (a sum of bools is not a bool; cast to an integer dtype).
     """
     backend, shape, d, g, n = prepare("sp_reduce_scatter", tensor, dim, group)
-    kind = backend.dtype_info(tensor)[0]
-    if kind == "bool":
+    if backend.dtype_info(tensor).kind == "bool":
         raise TypeError(
             "sp_reduce_scatter: tensor has dtype bool, whose sum over ranks is not a bool; cast "
             "it to an integer dtype first."

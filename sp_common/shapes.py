@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 DtypeKind = Literal["bool", "int", "float", "complex"]
 
@@ -90,41 +90,91 @@ def check_pad_size(func: str, pad_size: object, shape: Sequence[int], dim: int) 
     return p
 
 
-def check_pad_value(
-    func: str, value: object, kind: DtypeKind, lo: float, hi: float, dtype_name: str
-) -> None:
-    """Raise unless ``value`` converts to the tensor dtype without changing.
+class DtypeInfo(NamedTuple):
+    """What the argument checks need to know about a tensor's dtype; each backend's
+    ``dtype_info`` reports it. For a complex dtype, everything but ``kind`` and ``name`` describes
+    each of its two (real) parts."""
 
-    ``kind``/``lo``/``hi`` describe the dtype (the backend reports them): integers must be
-    integral and within ``[lo, hi]``; bools must be 0 or 1; a finite float must not overflow
-    to infinity (NaN and infinities are accepted for float dtypes).
+    kind: DtypeKind
+    lo: float  # the lowest finite value; float8_e8m0fnu: 2**-127 (it has no zero, no negatives)
+    hi: float  # the highest finite value
+    name: str  # as the framework prints the dtype, e.g. "torch.float8_e4m3fn"
+    has_inf: bool  # floats: +-inf exist (float8_e4m3fn, the *fnuz types, e8m0 have none)
+    has_nan: bool  # floats: NaN exists (float4_e2m1fn and the float6 types have none)
+
+
+def check_pad_value(func: str, value: object, info: DtypeInfo) -> int | float | complex:
+    """Return the number to pad a tensor of dtype ``info`` with, after checking that the dtype
+    holds ``value``; raise TypeError for a non-number and ValueError naming ``func``, the value
+    and the dtype otherwise.
+
+    Integer dtypes take an integral value in ``[lo, hi]``, bool 0 or 1 (``value`` comes back as
+    given). Float dtypes, and each part for complex ones, take a finite value in ``[lo, hi]`` (the
+    cast then rounds it to the dtype), an infinity if the dtype has one, and NaN if it has one.
+    Any NaN comes back as ``math.nan`` (positive, no payload), so torch and JAX pad the same
+    bits, the NaN both make of it (float16 0x7e00, bfloat16 0x7fc0, float32 0x7fc00000, float64
+    0x7ff8000000000000); from ``float('-nan')`` they differ (bfloat16, float8_e5m2).
     """
     if not isinstance(value, numbers.Number):
         raise TypeError(
             f"{func}: pad_value must be a Python number, got {value!r} of type "
             f"{type(value).__name__}; pass a scalar such as 0.0."
         )
-    cant = f"{func}: pad_value={value!r} cannot be held by dtype {dtype_name}"
+    cant = f"{func}: pad_value={value!r} cannot be held by dtype {info.name}"
     if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
-        if kind != "complex":
-            raise ValueError(f"{cant}; pass a real pad_value for a {kind} tensor.")
-        parts: tuple[float, ...] = (value.real, value.imag)
-    else:
-        parts = (float(value),)  # type: ignore[arg-type]
-    if kind == "bool":
-        if parts[0] not in (0.0, 1.0):
+        if info.kind != "complex":
+            raise ValueError(f"{cant}; pass a real pad_value for a {info.kind} tensor.")
+        return complex(_float_part(cant, value.real, info), _float_part(cant, value.imag, info))
+    if info.kind == "bool":
+        if value not in (0, 1):
             raise ValueError(f"{cant}; pass False/True (0 or 1) for a bool tensor.")
-    elif kind == "int":
-        v = parts[0]
-        if not math.isfinite(v) or not v.is_integer() or not lo <= value <= hi:  # type: ignore[operator]
-            raise ValueError(f"{cant}; pass an integer in [{int(lo)}, {int(hi)}].")
-    else:
-        for v in parts:
-            if math.isfinite(v) and abs(v) > hi:
-                raise ValueError(
-                    f"{cant} (it would overflow to infinity); pass a value with magnitude at "
-                    f"most {hi}, or float('inf') if infinity is what you want."
-                )
+        return value  # type: ignore[return-value]
+    if info.kind == "int":
+        if not _is_integer_in(value, info.lo, info.hi):
+            raise ValueError(f"{cant}; pass an integer in [{int(info.lo)}, {int(info.hi)}].")
+        return value  # type: ignore[return-value]
+    return _float_part(cant, value, info)
+
+
+def _is_integer_in(value: Any, lo: float, hi: float) -> bool:
+    """True when ``value`` is an integer in ``[lo, hi]`` (compared exactly, never through a
+    float: ``2**1024`` does not fit one)."""
+    if not isinstance(value, numbers.Integral):
+        try:
+            v = float(value)
+        except OverflowError:
+            return False
+        if not v.is_integer():  # NaN and infinities are not integers either
+            return False
+    return bool(lo <= value <= hi)
+
+
+def _float_part(cant: str, part: Any, info: DtypeInfo) -> float:
+    """``part`` as the float to pad a float dtype (or one part of a complex dtype) with."""
+    instead = f"pass a finite value in [{info.lo!r}, {info.hi!r}]"
+    try:
+        v = float(part)
+    except OverflowError:  # an int too large for any float
+        raise ValueError(f"{cant} (it would overflow); {instead}.") from None
+    if math.isnan(v):
+        if info.has_nan:
+            return math.nan
+        raise ValueError(f"{cant}: the dtype has no NaN; {instead}.")
+    if math.isinf(v):
+        if info.has_inf:
+            return v
+        raise ValueError(
+            f"{cant}: the dtype has no infinity; {instead} ({info.hi!r} is the largest)."
+        )
+    if info.lo <= v <= info.hi:
+        return v
+    if 0 < info.lo and v < info.lo:
+        raise ValueError(
+            f"{cant}: the dtype has no zero and no negative values; {instead}, e.g. 1.0."
+        )
+    sign = "-" if v < 0 else ""
+    inf = f", or float('{sign}inf') if infinity is what you want" if info.has_inf else ""
+    raise ValueError(f"{cant} (it would overflow); {instead}{inf}.")
 
 
 def is_axis_name(group: object) -> bool:

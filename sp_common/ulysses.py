@@ -96,10 +96,10 @@ def sp_ulysses_attention(
             f"same head size D; got shapes {', '.join(map(str, shapes))}."
         )
     dtypes = [backend.dtype_info(t) for t in (q, k, v)]
-    if dtypes[0][0] != "float" or len({d[3] for d in dtypes}) != 1:
+    if dtypes[0].kind != "float" or len({d.name for d in dtypes}) != 1:
         raise TypeError(
             f"{func}: q, k, v must share one floating dtype, got "
-            f"{', '.join(d[3] for d in dtypes)}; cast them, e.g. to float32 or bfloat16."
+            f"{', '.join(d.name for d in dtypes)}; cast them, e.g. to float32 or bfloat16."
         )
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"{func}: scale={scale!r} is not a real number; pass a float or None.")

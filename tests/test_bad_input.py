@@ -31,10 +31,6 @@ from .jax_mesh import mesh_of, sharded, spec_on
 pytestmark = pytest.mark.timeout(120)
 
 # Bugs found by this table; each case marked with one fails today (xfail strict=True).
-BUG_PAD_INF = (
-    "pad_value=inf is accepted for float8_e4m3fn, which has no infinity: torch pads 448.0, JAX "
-    "NaN, so the two backends also disagree"
-)
 BUG_VALIDATOR_NAMES = (
     "ShardingValidator.shard reports its argument errors as sp_shard's, naming a function the "
     "user did not call"
@@ -257,9 +253,75 @@ def argument_cases() -> list[Case]:
             pad,
             (T((5,), "float8_e4m3fn"), 0, math.inf),
             ValueError,
-            ("pad_value=inf", "float8_e4m3fn"),
-            bugs={"*": BUG_PAD_INF},
+            ("pad_value=inf", "float8_e4m3fn", "no infinity", "448.0"),
         ),
+        Case(
+            "float8 -inf",
+            pad,
+            (T((5,), "float8_e4m3fnuz"), 0, -math.inf),
+            ValueError,
+            ("pad_value=-inf", "float8_e4m3fnuz", "no infinity", "[-240.0, 240.0]"),
+        ),
+        Case(
+            "float8 1e3",
+            pad,
+            (T((5,), "float8_e4m3fn"), 0, 1e3),
+            ValueError,
+            ("pad_value=1000.0", "float8_e4m3fn", "overflow", "[-448.0, 448.0]"),
+        ),
+        # float8_e8m0fnu holds 2**-127 .. 2**127 and NaN: no zero (the default), no negatives
+        Case(
+            "e8m0 default 0.0",
+            pad,
+            (T((5,), "float8_e8m0fnu"), 0),
+            ValueError,
+            ("pad_value=0.0", "float8_e8m0fnu", "no zero", "1.7014118346046923e+38"),
+        ),
+        Case(
+            "e8m0 -1",
+            pad,
+            (T((5,), "float8_e8m0fnu"), 0, -1.0),
+            ValueError,
+            ("pad_value=-1.0", "float8_e8m0fnu", "no negative values"),
+        ),
+        Case(
+            "e8m0 1e-40",
+            pad,
+            (T((5,), "float8_e8m0fnu"), 0, 1e-40),
+            ValueError,
+            ("pad_value=1e-40", "float8_e8m0fnu", "5.877471754111438e-39"),
+        ),
+        Case(
+            "e8m0 inf",
+            pad,
+            (T((5,), "float8_e8m0fnu"), 0, math.inf),
+            ValueError,
+            ("pad_value=inf", "float8_e8m0fnu", "no infinity"),
+        ),
+        Case(
+            "float4 nan",
+            pad,
+            (T((5,), "float4_e2m1fn"), 0, math.nan),
+            ValueError,
+            ("pad_value=nan", "float4_e2m1fn", "no NaN", "[-6.0, 6.0]"),
+            backends=("jax",),  # torch only has the packed float4_e2m1fn_x2
+        ),
+        Case(
+            "complex32 1e5",
+            pad,
+            (T((5,), "complex32"), 0, 1e5),
+            ValueError,
+            ("pad_value=100000.0", "complex32", "overflow", "65504.0"),
+            backends=("torch",),  # JAX has no complex32
+        ),
+        Case(
+            "float32 2**1024",
+            pad,
+            (T((5,)), 0, 2**1024),
+            ValueError,
+            (f"pad_value={2**1024}", "float32", "overflow"),
+        ),
+        Case("int32 2**1024", pad, (T((5,), "int32"), 0, 2**1024), ValueError, ("int32", "[-2147")),
         # dtypes
         Case("bool", "sp_reduce_scatter", (T((4,), "bool"), 0), TypeError, ("dtype bool",)),
         # groups

@@ -12,7 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sp_common as sp
-from sp_common.shapes import check_pad_value, normalize_dim, pad_size_for, shard_bounds
+from sp_common.shapes import (
+    DtypeInfo,
+    check_pad_value,
+    normalize_dim,
+    pad_size_for,
+    shard_bounds,
+)
 
 from . import reference as ref
 from . import torch_tasks
@@ -60,7 +66,8 @@ def test_integer_pad_values_are_accepted_exactly_when_the_cast_is_exact(dtype, v
     info = np.iinfo(dtype)
     exact = math.isfinite(value) and float(value).is_integer() and info.min <= value <= info.max
     try:
-        check_pad_value("f", value, "int", info.min, info.max, np.dtype(dtype).name)
+        dtype_info = DtypeInfo("int", info.min, info.max, np.dtype(dtype).name, False, False)
+        check_pad_value("f", value, dtype_info)
         accepted = True
     except ValueError:
         accepted = False
