@@ -8,16 +8,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src import core as jax_core
 
 from sp_common.backend import Backend
 from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group
 from sp_common.shapes import DtypeInfo, is_axis_name
+from sp_common.strict import strict_enabled, strict_error
 
 from . import autograd
 from .collectives import AxisName
 
 DEFAULT_AXIS = "sp"
+DEFAULT_SOURCE = "the default SP axis"  # where resolve_group found an axis, for messages
+
+
+def bound_axes() -> tuple[Any, ...]:
+    """The axis names bound where this runs, in binding order: inside ``shard_map`` its mesh's
+    manual axes (and any ``axis_name`` of an enclosing ``vmap``/``pmap``); ``()`` outside. These
+    are the names ``lax.axis_size`` and the collectives look up (jax's trace-context axis env;
+    jax has no public query for it)."""
+    return tuple(jax_core.unsafe_get_axis_names())
+
+
+def _unbound(group: AxisName, bound: tuple[Any, ...]) -> list[str]:
+    """The names of ``group`` (an axis or a tuple of axes) that are not in ``bound``."""
+    return [a for a in ((group,) if isinstance(group, str) else group) if a not in bound]
+
+
+def check_axis(func: str, group: AxisName, source: str) -> None:
+    """Raise ValueError unless every axis of ``group`` is bound here. Only the axis ``"sp"``
+    with no axis bound at all (outside ``shard_map``) passes unbound, as world size 1, and not in
+    strict mode. ``source`` says where ``group`` came from, for the message."""
+    bound = bound_axes()
+    missing = _unbound(group, bound)
+    if not missing:
+        return
+    if group == DEFAULT_AXIS and not bound:
+        if strict_enabled():
+            raise strict_error(
+                func,
+                "no mesh axis is bound (outside jax.shard_map)",
+                f"call it inside jax.shard_map over a mesh with axis {DEFAULT_AXIS!r} (or name "
+                "the axis that shard_map binds)",
+            )
+        return
+    axis = repr(group) if isinstance(group, str) else f"{group!r} (axes {missing})"
+    if not bound:
+        raise ValueError(
+            f"{func}: mesh axis {axis}, {source}, is not bound here: no mesh axis is bound "
+            "(outside jax.shard_map). Call it inside jax.shard_map over a mesh with that axis; "
+            f"only the axis {DEFAULT_AXIS!r} means world size 1 outside shard_map."
+        )
+    if source == DEFAULT_SOURCE:
+        raise ValueError(
+            f"{func}: the default SP axis {DEFAULT_AXIS!r} is not bound here; the bound axes are "
+            f"{list(bound)}. Name the SP axis (group={bound[-1]!r} or sp_group({bound[-1]!r})), "
+            f"or give the mesh an {DEFAULT_AXIS!r} axis (of size 1 for no sequence parallelism)."
+        )
+    raise ValueError(
+        f"{func}: mesh axis {axis}, {source}, is not bound here; the bound axes are "
+        f"{list(bound)}. Name one of those, or run it inside jax.shard_map over a mesh with "
+        "that axis."
+    )
 
 
 class JaxBackend(Backend):
@@ -51,28 +104,25 @@ class JaxBackend(Backend):
         return DtypeInfo("int", int(iinfo.min), int(iinfo.max), name, has_inf=False, has_nan=False)
 
     def resolve_group(self, func: str, group: Any) -> AxisName:
+        source = "named by the group= argument"
         if group is None:
-            group = active_group("jax")
+            group, source = active_group("jax"), "named by the enclosing sp_group(...) block"
             if group is None:
-                return DEFAULT_AXIS
+                group, source = DEFAULT_AXIS, DEFAULT_SOURCE
         if not is_axis_name(group):
             raise TypeError(
                 f"{func}: group must be a mesh axis name (a str or a tuple of str) for a JAX "
                 f"array, got {group!r} of type {type(group).__name__}; pass e.g. group='sp'."
             )
+        check_axis(func, group, source)
         return group  # type: ignore[no-any-return]
 
     def world_size(self, group: AxisName) -> int:
-        try:
-            return int(lax.axis_size(group))
-        except NameError:  # the axis is not bound: outside shard_map
-            return 1
+        # After resolve_group an axis is unbound only as "sp" outside shard_map: world size 1.
+        return 1 if _unbound(group, bound_axes()) else int(lax.axis_size(group))
 
     def rank(self, group: AxisName) -> Any:
-        try:
-            return lax.axis_index(group)
-        except NameError:
-            return 0
+        return 0 if _unbound(group, bound_axes()) else lax.axis_index(group)
 
     def shard(self, x: jax.Array, dim: int, group: AxisName, grad_rule: ShardGradRule) -> jax.Array:
         return autograd.shard(x, dim, group, grad_rule)

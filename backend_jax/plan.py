@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sp_common.groups import active_group
 from sp_common.plan import (
     GatherOutput,
     PlanError,
@@ -22,10 +23,31 @@ from sp_common.plan import (
     end_run,
 )
 
+from .core import DEFAULT_AXIS
+
 
 def _is_array_tree(value: Any) -> bool:
     leaves = jax.tree_util.tree_leaves(value)
     return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+
+
+def _check_mesh_has_sp_axis(mesh: Any) -> None:
+    """PlanError unless ``mesh`` has the plan's SP axis (the active ``sp_group`` axis, else
+    ``"sp"``): shard_map over it would leave the axis unbound."""
+    axes = getattr(mesh, "axis_names", None)
+    if axes is None:
+        raise TypeError(
+            f"apply_plan: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}; pass e.g. "
+            "jax.make_mesh((n,), ('sp',))."
+        )
+    group = active_group("jax") or DEFAULT_AXIS
+    missing = [a for a in ((group,) if isinstance(group, str) else group) if a not in axes]
+    if missing:
+        raise PlanError(
+            f"apply_plan: the plan shards over the SP axis {group!r}, but mesh has axes "
+            f"{tuple(axes)}; give the mesh that axis (jax.make_mesh(..., axis_names=(..., "
+            f"{missing[0]!r}))) or name one of its axes with sp_group(...) around apply_plan."
+        )
 
 
 def apply_plan(
@@ -44,6 +66,7 @@ def apply_plan(
     """
     if not isinstance(plan, SPPlan):
         raise TypeError(f"apply_plan: plan must be an SPPlan, got {type(plan).__name__}.")
+    _check_mesh_has_sp_axis(mesh)
     specs = plan.specs()
     others = sorted(p for p in specs if p != "")
     if others:

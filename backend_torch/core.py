@@ -7,12 +7,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 
 from sp_common.backend import Backend
 from sp_common.debug import debug_enabled
 from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group, active_group_traceable, guard_identity
 from sp_common.shapes import DtypeInfo
+from sp_common.strict import strict_enabled, strict_enabled_traceable, strict_error
 
 from . import autograd, collectives
 
@@ -20,6 +22,54 @@ from . import autograd, collectives
 def default_group() -> dist.ProcessGroup | None:
     """The default process group when one is initialized, else None (world size 1)."""
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def process_group(func: str, group: Any) -> dist.ProcessGroup:
+    """The ``ProcessGroup`` an op of ``func`` runs on for an explicitly named ``group``: a
+    ``ProcessGroup`` itself, or the group of a 1-D ``DeviceMesh`` (such as ``mesh["sp"]``).
+
+    Raises:
+        TypeError: a DeviceMesh with more than one dim, or not a group at all.
+        ValueError: a group this rank is not a member of.
+    """
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    if isinstance(group, DeviceMesh):
+        return _mesh_group(func, group)
+    if type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER:
+        where = f"global rank {dist.get_rank()} of {dist.get_world_size()}"
+        raise ValueError(
+            f"{func}: group is GroupMember.NON_GROUP_MEMBER ({group}), which "
+            "dist.new_group(ranks) returns on every rank outside `ranks`: this rank "
+            f"({where if dist.is_initialized() else 'no process group'}) is not a member of "
+            "that group, so its ranks are not known here. "
+            "Pass the group that contains this rank (every rank creates every group and keeps "
+            "its own, e.g. groups[rank // sp_size]) or a 1-D DeviceMesh such as mesh['sp']."
+        )
+    raise TypeError(
+        f"{func}: group must be a torch.distributed.ProcessGroup or a 1-D DeviceMesh for a torch "
+        f"tensor, got {group!r} of type {type(group).__name__}; pass dist.new_group(...) or "
+        "mesh['sp'], or leave it out to use the default process group."
+    )
+
+
+def _mesh_group(func: str, mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The ProcessGroup of a 1-D ``mesh`` that holds this rank."""
+    if mesh.ndim != 1:
+        names = mesh.mesh_dim_names
+        one = repr(names[-1]) if names else "name"
+        raise TypeError(
+            f"{func}: group is a {mesh.ndim}-D DeviceMesh of shape {tuple(mesh.shape)} with dims "
+            f"{names}; an SP group is one mesh dim (two-axis groups come with USP): pass a 1-D "
+            f"mesh such as mesh[{one}]."
+        )
+    if mesh.get_coordinate() is None:
+        raise ValueError(
+            f"{func}: this rank (global rank {dist.get_rank()}) is not a member of group "
+            f"{mesh!r}, a 1-D DeviceMesh of ranks {mesh.mesh.tolist()}; pass the mesh that "
+            "contains this rank (init_device_mesh(...)[dim] gives each rank its own)."
+        )
+    return mesh.get_group()
 
 
 class TorchBackend(Backend):
@@ -54,19 +104,23 @@ class TorchBackend(Backend):
 
     def resolve_group(self, func: str, group: Any) -> dist.ProcessGroup | None:
         compiling = torch.compiler.is_compiling()
-        if group is None:
-            group = active_group_traceable("torch") if compiling else active_group("torch")
-            if group is None:
-                return default_group()
-        elif compiling:
-            group = guard_identity(group)
-        if not isinstance(group, dist.ProcessGroup):
-            raise TypeError(
-                f"{func}: group must be a torch.distributed.ProcessGroup for a torch tensor, got "
-                f"{group!r} of type {type(group).__name__}; pass dist.new_group(...) or leave it "
-                "out to use the default process group."
+        if group is not None:
+            # Dynamo guards a DeviceMesh by value (a fresh, equal mesh["sp"] reuses the graph)
+            # but not a ProcessGroup, which needs the id() guard.
+            if compiling and not isinstance(group, DeviceMesh):
+                group = guard_identity(group)
+            return process_group(func, group)
+        group = active_group_traceable("torch") if compiling else active_group("torch")
+        if group is not None:
+            return group  # sp_group turned it into a checked ProcessGroup on entry
+        default = default_group()
+        if default is None and (strict_enabled_traceable() if compiling else strict_enabled()):
+            raise strict_error(
+                func,
+                "no torch.distributed process group is initialized",
+                "call dist.init_process_group(...) first or pass group=",
             )
-        return group
+        return default
 
     def world_size(self, group: dist.ProcessGroup | None) -> int:
         return 1 if group is None else dist.get_world_size(group)

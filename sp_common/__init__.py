@@ -9,6 +9,7 @@ from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
 from .interop import jax_to_torch, torch_to_jax
 from .plan import GatherOutput, PlanError, ShardInput, SPPlan, apply_plan
+from .strict import sp_strict
 from .ulysses import sp_padding_mask, sp_ulysses_attention
 from .validator import ShardingValidator, get_sharding_validator
 
@@ -30,6 +31,7 @@ __all__ = [
     "sp_reduce_scatter",
     "sp_shard",
     "sp_shard_with_padding",
+    "sp_strict",
     "sp_ulysses_attention",
     "sp_unpad",
     "sp_world_size",
