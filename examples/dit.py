@@ -5,8 +5,8 @@ final LayerNorm -> output projection. Shapes: ``x [B, S, patch] -> [B, S, patch]
 
 The model code knows nothing about sharding except that its attention is
 ``sp_ulysses_attention``, which is plain attention at world size 1. Sequence parallelism comes
-only from applying a plan (see ``TORCH_PLAN`` / ``JAX_PLAN``); with padding, the attention takes
-the real length from the plan, so padded keys never take part.
+only from applying a plan (see ``TORCH_PLAN`` / ``JAX_PLAN``); with padding, the attention asks
+the plan for the real length explicitly (``planned_seq_len``), so padded keys never take part.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sp_common import sp_ulysses_attention
+from sp_common import planned_seq_len, sp_ulysses_attention
 from sp_common.plan import GatherOutput, ShardInput, SPPlan
 
 PATCH, WIDTH, HEADS, DEPTH, MLP = 12, 16, 4, 2, 32
@@ -97,7 +97,8 @@ def torch_model(params: dict[str, Any]) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, s, _ = x.shape
             q, k, v = self.qkv(self.ln1(x)).reshape(b, s, 3, HEADS, WIDTH // HEADS).unbind(2)
-            x = x + self.proj(sp_ulysses_attention(q, k, v).reshape(b, s, WIDTH))
+            attn = sp_ulysses_attention(q, k, v, seq_len=planned_seq_len(default=None))
+            x = x + self.proj(attn.reshape(b, s, WIDTH))
             h = nn.functional.gelu(self.fc1(self.ln2(x)), approximate="tanh")
             return x + self.fc2(h)
 
@@ -136,7 +137,8 @@ def jax_forward(params: dict[str, Any], x: Any) -> Any:
     for p in params["blocks"]:
         b, s, _ = h.shape
         qkv = linear(p["qkv"], layer_norm(p["ln1"], h)).reshape(b, s, 3, HEADS, WIDTH // HEADS)
-        attn = sp_ulysses_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        seq_len = planned_seq_len(default=None)
+        attn = sp_ulysses_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], seq_len=seq_len)
         h = h + linear(p["proj"], attn.reshape(b, s, WIDTH))
         h = h + linear(p["fc2"], jax.nn.gelu(linear(p["fc1"], layer_norm(p["ln2"], h))))
     return linear(params["proj_out"], layer_norm(params["norm_out"], h))

@@ -8,7 +8,15 @@ from .debug import sp_debug
 from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
 from .interop import jax_to_torch, torch_to_jax
-from .plan import GatherOutput, PlanError, ShardInput, SPPlan, apply_plan
+from .plan import (
+    GatherOutput,
+    PlanError,
+    ShardInput,
+    SPPlan,
+    all_reduce_grads,
+    apply_plan,
+    planned_seq_len,
+)
 from .strict import sp_strict
 from .ulysses import sp_padding_mask, sp_ulysses_attention
 from .validator import ShardingValidator, get_sharding_validator
@@ -19,9 +27,11 @@ __all__ = [
     "SPPlan",
     "ShardInput",
     "ShardingValidator",
+    "all_reduce_grads",
     "apply_plan",
     "get_sharding_validator",
     "jax_to_torch",
+    "planned_seq_len",
     "sp_all_to_all",
     "sp_debug",
     "sp_gather",

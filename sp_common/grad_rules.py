@@ -27,28 +27,29 @@ SHARD_GRAD_RULES: tuple[ShardGradRule, ...] = ("gather", "local")
 GATHER_GRAD_RULES: tuple[GatherGradRule, ...] = ("slice", "reduce_scatter")
 
 
-class _Convention(threading.local):
-    """Per thread (a plain thread-local, which torch.compile can trace): how many torch plan
-    forward passes are running, each under the per-rank convention."""
+# Per thread: how many torch plan forward passes are running (they nest with replays). A plain
+# thread-local read with getattr (not a threading.local subclass with class defaults), so that
+# torch.compile traces its reads and writes.
+_CONVENTION = threading.local()
+_CONVENTION.per_rank_terms = 0  # set here for the main thread: compiled code guards on one state
 
-    per_rank_terms: int = 0
 
-
-_CONVENTION = _Convention()
+def _depth() -> int:
+    return getattr(_CONVENTION, "per_rank_terms", 0)  # type: ignore[no-any-return]
 
 
 def enter_per_rank_terms() -> None:
-    """A torch plan's forward pass starts (the calls nest with sub-plans)."""
-    _CONVENTION.per_rank_terms += 1
+    """A torch plan's forward pass (or a replay of one) starts."""
+    _CONVENTION.per_rank_terms = _depth() + 1
 
 
 def exit_per_rank_terms() -> None:
-    _CONVENTION.per_rank_terms -= 1
+    _CONVENTION.per_rank_terms = _depth() - 1
 
 
 def per_rank_terms(framework: str) -> bool:
     """Whether ``framework``'s ops run under a torch plan's per-rank convention now."""
-    return framework == "torch" and _CONVENTION.per_rank_terms > 0
+    return framework == "torch" and _depth() > 0
 
 
 _IN_PLAN = (

@@ -18,7 +18,6 @@ from typing import Any
 
 from .api import sp_gather, sp_shard, sp_shard_with_padding
 from .backend import backend_for
-from .shapes import pad_size_for
 
 
 class PlanError(ValueError):
@@ -41,6 +40,11 @@ class ShardInput:
     Shapes: ``[.., S, ..] -> [.., S/N, ..]`` (``pad=True``: ``[.., ceil(S/N), ..]``, the padding
     removed by the :class:`GatherOutput` with the same ``name``). ``ndim``, when given, is the
     input's expected number of dims.
+
+    ``gather=False`` marks an input that is consumed and never gathered (token ids,
+    ``position_ids``, the text stream of a joint-attention model): its name must have no
+    :class:`GatherOutput`. A name is sharded at most once per forward pass while it is open
+    (sharded and not yet gathered); a ``gather=False`` name at most once per forward pass.
     """
 
     arg: str | int
@@ -49,6 +53,7 @@ class ShardInput:
     pad: bool = False
     pad_value: float = 0.0
     name: str = "sequence"
+    gather: bool = True
 
     def __post_init__(self) -> None:
         _check_field("ShardInput", "arg", self.arg, (str, int))
@@ -56,6 +61,7 @@ class ShardInput:
         _check_field("ShardInput", "ndim", self.ndim, (int, type(None)))
         _check_field("ShardInput", "pad", self.pad, (bool,))
         _check_field("ShardInput", "name", self.name, (str,))
+        _check_field("ShardInput", "gather", self.gather, (bool,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,17 +126,24 @@ class SPPlan:
                     )
             normalized[path] = group
         object.__setattr__(self, "entries", normalized)
-        sharded = {
-            s.name for specs in normalized.values() for s in specs if isinstance(s, ShardInput)
-        }
+        shards = [s for specs in normalized.values() for s in specs if isinstance(s, ShardInput)]
+        sharded = {s.name for s in shards if s.gather}
+        consumed = {s.name for s in shards if not s.gather}
         gathered = {
             s.name for specs in normalized.values() for s in specs if isinstance(s, GatherOutput)
         }
+        if consumed & (sharded | gathered):
+            raise PlanError(
+                f"SPPlan: names {sorted(consumed & (sharded | gathered))} are sharded with "
+                "gather=False (consumed, never gathered) but also gathered or sharded to be "
+                "gathered; give the consumed input a name of its own."
+            )
         if sharded != gathered:
             raise PlanError(
                 f"SPPlan: names sharded but never gathered: {sorted(sharded - gathered)}; "
                 f"gathered but never sharded: {sorted(gathered - sharded)}; give every "
-                "ShardInput a GatherOutput with the same name."
+                "ShardInput a GatherOutput with the same name, or mark an input that is consumed "
+                "and never gathered with ShardInput(..., gather=False)."
             )
 
     def specs(self) -> Mapping[str, tuple[Spec, ...]]:
@@ -138,27 +151,43 @@ class SPPlan:
 
 
 class PlanRun:
-    """One forward pass under a plan: pads and lengths by name, and which names are open."""
+    """One forward pass under a plan: pads and lengths by name, and which names are open.
 
-    def __init__(self) -> None:
-        self.pads: dict[str, int] = {}
-        self.lengths: dict[str, int] = {}
+    ``replay_of``: a run that re-executes part of an earlier forward pass (activation
+    checkpointing recomputes a planned submodule during backward): it starts from that pass's
+    pads and lengths and checks no pairing (the original pass did).
+    """
+
+    def __init__(self, replay_of: PlanRun | None = None) -> None:
+        self.pads: dict[str, int] = {} if replay_of is None else dict(replay_of.pads)
+        self.lengths: dict[str, int] = {} if replay_of is None else dict(replay_of.lengths)
         self.open: dict[str, str] = {}  # name -> where it was sharded
+        self.consumed: dict[str, str] = {}  # gather=False name -> where it was sharded
+        self.replay = replay_of is not None
+        self.graph_task: int | None = None  # torch: the backward pass that last reached it
 
-    def shard(self, path: str, spec: ShardInput, value: Any) -> Any:
-        """Shard ``value`` (the input ``spec.arg`` of module ``path``) as the plan says."""
+    def shard(self, path: str, spec: ShardInput, value: Any, **rule: Any) -> Any:
+        """Shard ``value`` (the input ``spec.arg`` of module ``path``) as the plan says.
+        ``rule``: an explicit ``grad_rule=`` for the shard (the torch plan's per-rank rule)."""
         where = f"{path or '<model>'} input {spec.arg!r}"
         shape = _checked_shape(where, value, spec.ndim)
+        earlier = self.open.get(spec.name) or self.consumed.get(spec.name)
+        if earlier is not None and not self.replay:
+            raise PlanError(
+                f"{where}: shards {spec.name!r}, which {earlier} already sharded in this forward "
+                "pass and which is not gathered yet; its padding and length would be overwritten. "
+                "Give each sharded input a name of its own (ShardInput(..., name=...))."
+            )
         if spec.pad:
-            out, pad = sp_shard_with_padding(value, spec.dim, spec.pad_value)
+            out, pad = sp_shard_with_padding(value, spec.dim, spec.pad_value, **rule)
         else:
-            out, pad = sp_shard(value, spec.dim), 0
+            out, pad = sp_shard(value, spec.dim, **rule), 0
         self.pads[spec.name] = pad
         self.lengths[spec.name] = shape[spec.dim]
-        self.open[spec.name] = where
+        (self.open if spec.gather else self.consumed)[spec.name] = where
         return out
 
-    def gather(self, path: str, spec: GatherOutput, value: Any) -> Any:
+    def gather(self, path: str, spec: GatherOutput, value: Any, **rule: Any) -> Any:
         """Gather ``value`` (an output of module ``path``), removing the padding of its name."""
         where = f"{path or '<model>'} output" + ("" if spec.index is None else f"[{spec.index}]")
         # Closed first: if the checks below raise, the end of the forward pass must not report
@@ -170,7 +199,7 @@ class PlanRun:
                 f"{where}: gathers {spec.name!r}, which no ShardInput has sharded in this forward "
                 "pass; check the order of the modules in the plan."
             )
-        return sp_gather(value, spec.dim, pad_size=self.pads[spec.name])
+        return sp_gather(value, spec.dim, pad_size=self.pads[spec.name], **rule)
 
     def abandon(self) -> None:
         """Forget the open names: the forward pass is failing with an error of its own."""
@@ -178,29 +207,68 @@ class PlanRun:
 
     def finish(self) -> None:
         """Raise if a name sharded in this forward pass was not gathered."""
-        if self.open:
+        if self.open and not self.replay:
             listing = ", ".join(f"{name!r} (sharded at {w})" for name, w in self.open.items())
             raise PlanError(
                 f"SP plan: sharded but never gathered in this forward pass: {listing}; the "
-                "module that gathers it did not run."
+                "module that gathers it did not run (an input that is consumed and never "
+                "gathered takes ShardInput(..., gather=False))."
             )
 
-    def sequence_length(self, padded: int, world_size: int) -> int | None:
-        """The real length of the one sharded sequence whose padded length is ``padded``."""
-        found = {n for n in self.lengths.values() if n + pad_size_for(n, world_size) == padded}
-        return found.pop() if len(found) == 1 else None
+    def same_state(self, other: PlanRun) -> bool:
+        return (self.pads, self.lengths) == (other.pads, other.lengths)
+
+
+_NO_DEFAULT: Any = object()
+
+
+def planned_seq_len(name: str = "sequence", *, default: Any = _NO_DEFAULT) -> Any:
+    """The length, before sharding and padding, of the sequence a plan sharded under ``name``
+    in the forward pass running now: what ``sp_ulysses_attention`` needs as ``seq_len`` when the
+    plan pads (``ShardInput(..., pad=True)``). Model code that also runs unplanned passes
+    ``default`` (e.g. ``None``), returned when no planned forward pass is running::
+
+        out = sp_ulysses_attention(q, k, v, seq_len=planned_seq_len(default=None))
+
+    Raises:
+        PlanError: no planned forward pass is running here (and no ``default``), or none of its
+            inputs was sharded under ``name`` (the message lists the names that were).
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"planned_seq_len: name must be a str (the ShardInput's name), got {name!r} of type "
+            f"{type(name).__name__}."
+        )
+    run = active_run()
+    if run is None:
+        if default is not _NO_DEFAULT:
+            return default
+        raise PlanError(
+            f"planned_seq_len: no SP plan forward pass is running, so there is no planned "
+            f"sequence {name!r}; call it inside the forward pass of a model with an applied "
+            "SPPlan, or pass the real length yourself."
+        )
+    if name not in run.lengths:
+        raise PlanError(
+            f"planned_seq_len: this forward pass has sharded no input named {name!r} (yet); "
+            f"sharded so far: {sorted(run.lengths)}. Check ShardInput(..., name=...) and that "
+            "the shard happens before this call."
+        )
+    return run.lengths[name]
 
 
 # The plan run of the forward pass in progress on this thread: a plain thread-local (not a
 # ContextVar, nor a threading.local subclass with class defaults) so that torch.compile traces
 # its reads and writes.
 _ACTIVE = threading.local()
+_ACTIVE.run = None  # set here for the main thread: a compiled model then guards on one state
 
 
-def begin_run() -> PlanRun | None:
-    """Start a plan run; return the outer one (restore it with :func:`end_run`)."""
+def begin_run(replay_of: PlanRun | None = None) -> PlanRun | None:
+    """Start a plan run (a replay of ``replay_of``, when given); return the outer one (restore
+    it with :func:`end_run`)."""
     outer = active_run()
-    _ACTIVE.run = PlanRun()
+    _ACTIVE.run = PlanRun(replay_of)
     return outer
 
 
@@ -233,6 +301,29 @@ def _checked_shape(where: str, value: Any, ndim: int | None) -> tuple[int, ...]:
             "the input."
         )
     return shape
+
+
+def all_reduce_grads(model: Any, group: Any = None) -> None:
+    """torch: sum the per-rank gradient terms of a planned model's parameters over the SP group
+    (see ``backend_torch.plan.all_reduce_grads``): call it after ``backward()`` and before the
+    optimizer step. JAX needs no such call (``shard_map`` sums the gradients of replicated
+    parameters itself).
+
+    Raises:
+        TypeError: ``model`` is not a torch ``nn.Module``.
+    """
+    if "torch" in sys.modules:
+        import torch
+
+        if isinstance(model, torch.nn.Module):
+            from backend_torch.plan import all_reduce_grads as all_reduce_torch
+
+            all_reduce_torch(model, group)
+            return
+    raise TypeError(
+        f"all_reduce_grads: model must be a torch.nn.Module with an applied SPPlan, got "
+        f"{type(model).__name__}; JAX plans need no gradient sum (shard_map does it)."
+    )
 
 
 def apply_plan(target: Any, plan: SPPlan, *, mesh: Any = None, **options: Any) -> Any:

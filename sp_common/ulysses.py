@@ -62,11 +62,12 @@ def sp_ulysses_attention(
         -> all-to-all (scatter sequence, gather heads)
         out      [B, s, H, D]        sequence-sharded again
 
-    ``seq_len`` is the length before :func:`sp_shard_with_padding`. By default it is the real
-    length of the sequence an applied SP plan padded to ``S_pad`` (see ``sp_common.plan``), else
-    ``S_pad`` (no padding). Padded keys never take part, so the outputs at real positions equal
-    unsharded attention over the original ``seq_len`` tokens; outputs at padded positions are
-    defined but meaningless (drop them with ``sp_gather(..., pad_size=...)``). ``scale``
+    ``seq_len`` is the length before :func:`sp_shard_with_padding`; None means ``S_pad`` (no
+    padding). It is never guessed: inside the forward pass of a planned model that padded a
+    sequence, None raises (pass ``seq_len=planned_seq_len(name)``). Padded keys never take part, so
+    the outputs at real positions equal unsharded attention over the original ``seq_len`` tokens;
+    outputs at padded positions are defined but meaningless (drop them with ``sp_gather(...,
+    pad_size=...)``). ``scale``
     defaults to ``1/sqrt(D)``. Differentiable in both backends (the all-to-all backward is the
     swapped all-to-all). World size 1 is plain attention.
 
@@ -112,8 +113,15 @@ def sp_ulysses_attention(
         )
     if seq_len is None:
         run = active_run()
-        found = None if run is None else run.sequence_length(padded, n)
-        real = padded if found is None else found
+        padded_names = [] if run is None else sorted(k for k, p in run.pads.items() if p)
+        if padded_names:
+            raise ValueError(
+                f"{func}: seq_len is None inside a planned forward pass that padded the "
+                f"sequence(s) {padded_names}, so None (no padding) would let padded keys take "
+                "part; pass seq_len explicitly, e.g. seq_len=planned_seq_len("
+                f"{padded_names[0]!r})."
+            )
+        real = padded
     else:
         real = _check_seq_len(func, seq_len, padded)
     if n > 1:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from .api import sp_gather, sp_shard, sp_shard_with_padding
-from .backend import backend_for
-from .shapes import normalize_dim
+from .api import prepare, sp_gather, sp_shard, sp_shard_with_padding
+from .shapes import check_divisible
 
 T = TypeVar("T")
 
@@ -27,10 +27,36 @@ class _Record:
     pad_size: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _TrackState:
+    """The record of one ``track()`` block; ``outer`` is the enclosing block's (whose padded
+    shards a gather inside this block must still unpad)."""
+
+    outer: _TrackState | None = None
     sharded: dict[str, _Record] = dataclasses.field(default_factory=dict)
     gathered: set[str] = dataclasses.field(default_factory=set)
+
+    def chain(self) -> Iterator[_TrackState]:
+        state: _TrackState | None = self
+        while state is not None:
+            yield state
+            state = state.outer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """One validator's state in one context: the innermost active block and the block that
+    finished last."""
+
+    active: _TrackState | None = None
+    last: _TrackState | None = None
+
+
+# Every validator's state, per context, in ONE context variable (a validator per request must not
+# add context variables forever): validator key -> its slots, replaced (never mutated) on change
+# so that a context copied into a thread or task never shares a dict with its parent.
+_STATE: ContextVar[dict[int, _Slots]] = ContextVar("sp_validator_state", default={})  # noqa: B039
+_KEYS = itertools.count()
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,17 +77,18 @@ class ShardingValidator:
     their own record and leave the outer one as it was.
     """
 
-    _active: ContextVar[_TrackState | None] = dataclasses.field(init=False, repr=False)
-    _last: ContextVar[_TrackState | None] = dataclasses.field(init=False, repr=False)
+    _key: int = dataclasses.field(init=False, repr=False, default_factory=lambda: next(_KEYS))
 
-    def __post_init__(self) -> None:
-        self._active = ContextVar(f"sp_validator_active_{id(self)}", default=None)
-        self._last = ContextVar(f"sp_validator_last_{id(self)}", default=None)
+    def _slots(self) -> _Slots:
+        return _STATE.get().get(self._key, _Slots())
+
+    def _set(self, slots: _Slots) -> None:
+        _STATE.set({**_STATE.get(), self._key: slots})
 
     # Reference attributes, read-only views of the current context's state.
     @property
     def _enabled(self) -> bool:
-        return self._active.get() is not None
+        return self._slots().active is not None
 
     @property
     def _sharded(self) -> set[str]:
@@ -74,30 +101,38 @@ class ShardingValidator:
         return set(state.gathered) if state else set()
 
     def _current(self) -> _TrackState | None:
-        state = self._active.get()
-        return state if state is not None else self._last.get()
+        slots = self._slots()
+        return slots.active if slots.active is not None else slots.last
 
     @contextlib.contextmanager
     def track(self) -> Iterator[ShardingValidator]:
         """Record every shard and gather in this block (of the current context) under a fresh
         record; an enclosing block's record is restored untouched on exit."""
-        state = _TrackState()
-        token = self._active.set(state)
+        outer = self._slots().active
+        state = _TrackState(outer=outer)
+        self._set(_Slots(active=state, last=self._slots().last))
         try:
             yield self
         finally:
-            self._active.reset(token)
-            self._last.set(state)
+            self._set(_Slots(active=outer, last=state))
 
     def reset(self) -> None:
         """Forget the names recorded so far in the current context (a new forward pass)."""
-        active = self._active.get()
+        active = self._slots().active
         if active is not None:
             active.sharded.clear()
             active.gathered.clear()
-        self._last.set(None)
+        self._set(_Slots(active=active, last=None))
 
-    def shard(self, tensor: T, name: str, dim: int, validate_divisible: bool = True) -> T:
+    def shard(
+        self,
+        tensor: T,
+        name: str,
+        dim: int,
+        validate_divisible: bool = True,
+        *,
+        group: Any = None,
+    ) -> T:
         """Shard ``tensor`` along ``dim`` and record it under ``name``.
 
         Shapes: ``[..., S, ...] -> [..., ceil(S / N), ...]``.
@@ -106,52 +141,72 @@ class ShardingValidator:
         :func:`sp_shard`). With ``False`` the tensor is padded at the end (as
         :func:`sp_shard_with_padding`) and the pad size is recorded under ``name``, so
         :meth:`gather` removes it; that needs an active ``track()`` block to remember it.
+        ``group`` as in :func:`sp_shard`.
         """
+        func = "ShardingValidator.shard"
+        _, shape, d, _, n = prepare(func, tensor, dim, group)
+        if not isinstance(validate_divisible, bool):
+            raise TypeError(
+                f"{func}: validate_divisible must be a bool, got {validate_divisible!r}; pass "
+                "True (raise when N does not divide) or False (pad)."
+            )
         if validate_divisible:
-            out = sp_shard(tensor, dim)
-            pad_size = 0
+            check_divisible(func, shape, d, n)
+            out, pad_size = sp_shard(tensor, dim, group=group), 0
         else:
-            out, pad_size = sp_shard_with_padding(tensor, dim)
-        state = self._active.get()
+            out, pad_size = sp_shard_with_padding(tensor, dim, group=group)
+        state = self._slots().active
         if state is None:
             if pad_size:
                 raise ValueError(
-                    f"ShardingValidator.shard: tensor {name!r} needed {pad_size} elements of "
+                    f"{func}: tensor {name!r} needed {pad_size} elements of "
                     f"padding on dim {dim}, but no track() block is active to remember it for "
                     "gather; call it inside `with validator.track():`, or use "
                     "sp_shard_with_padding and sp_gather(..., pad_size=...)."
                 )
             return out
-        shape = backend_for("ShardingValidator.shard", tensor).shape(tensor)
-        d = normalize_dim("ShardingValidator.shard", dim, shape)
         state.sharded[name] = _Record(dim=d, ndim=len(shape), pad_size=pad_size)
         return out
 
-    def gather(self, tensor: T, name: str, dim: int) -> T:
+    def gather(self, tensor: T, name: str, dim: int, *, group: Any = None) -> T:
         """Gather ``tensor`` along ``dim`` and mark ``name`` gathered.
 
-        Shapes: ``[..., S / N, ...] -> [..., S, ...]``; padding recorded when ``name`` was sharded
-        is removed. Gathering a tracked name on another dim than it was sharded on raises
-        ValueError.
+        Shapes: ``[..., S / N, ...] -> [..., S, ...]``: the padding recorded when ``name`` was
+        sharded is removed, wherever that shard was recorded: in this ``track()`` block, an
+        enclosing one, or (outside any block) the block that finished last. The name is marked
+        gathered in the innermost active block (else the block that finished last). Gathering a
+        name on another dim than it was sharded on raises ValueError. ``group`` as in
+        :func:`sp_gather`.
         """
-        state = self._active.get()
+        func = "ShardingValidator.gather"
+        _, shape, d, _, _ = prepare(func, tensor, dim, group)
+        slots = self._slots()
+        target = slots.active if slots.active is not None else slots.last
+        record = self._find(name, slots)
         pad_size = 0
-        if state is not None:
-            shape = backend_for("ShardingValidator.gather", tensor).shape(tensor)
-            d = normalize_dim("ShardingValidator.gather", dim, shape)
-            record = state.sharded.get(name)
-            if record is not None:
-                if (d, len(shape)) != (record.dim, record.ndim):
-                    raise ValueError(
-                        f"ShardingValidator.gather: {name!r} was sharded on dim {record.dim} of a "
-                        f"{record.ndim}-d tensor but is gathered on dim {dim} of shape "
-                        f"{tuple(shape)}; gather it on the dim it was sharded on."
-                    )
-                pad_size = record.pad_size
-        out = sp_gather(tensor, dim, pad_size=pad_size)
-        if state is not None:
-            state.gathered.add(name)
+        if record is not None:
+            if (d, len(shape)) != (record.dim, record.ndim):
+                raise ValueError(
+                    f"{func}: {name!r} was sharded on dim {record.dim} of a "
+                    f"{record.ndim}-d tensor but is gathered on dim {dim} of shape "
+                    f"{tuple(shape)}; gather it on the dim it was sharded on."
+                )
+            pad_size = record.pad_size
+        out = sp_gather(tensor, dim, pad_size=pad_size, group=group)
+        if target is not None:
+            target.gathered.add(name)
         return out
+
+    @staticmethod
+    def _find(name: str, slots: _Slots) -> _Record | None:
+        """The record of ``name``'s latest shard: innermost active block outwards, then the
+        block that finished last and its enclosing blocks."""
+        for start in (slots.active, slots.last):
+            if start is not None:
+                for state in start.chain():
+                    if name in state.sharded:
+                        return state.sharded[name]
+        return None
 
     def validate(self) -> None:
         """Raise ValueError listing every name sharded but not gathered (see class docstring for

@@ -83,6 +83,11 @@ def _validator_gather_tracked(tensor: Any, name: str, shard_dim: int, gather_dim
         return v.gather(v.shard(tensor, name, shard_dim), name, gather_dim)
 
 
+def _in_sp_strict(enabled: Any) -> None:
+    with sp.sp_strict(enabled):
+        pass
+
+
 def _torch_to_jax(*args: Any, **kwargs: Any) -> Any:
     from sp_common.interop import torch_to_jax
 
@@ -119,6 +124,9 @@ CALLS: dict[str, Callable[..., Any]] = {
     "ShardInput": sp.ShardInput,
     "GatherOutput": sp.GatherOutput,
     "apply_plan": sp.apply_plan,
+    "all_reduce_grads": sp.all_reduce_grads,
+    "planned_seq_len": sp.planned_seq_len,
+    "sp_strict": _in_sp_strict,
     "torch_to_jax": _torch_to_jax,
     "jax_to_torch": _jax_to_torch,
 }

@@ -21,12 +21,15 @@ def _single_rank_group() -> dist.ProcessGroup:
     return groups[dist.get_rank()]
 
 
-def _forward_backward(model: torch.nn.Module, x: np.ndarray, w: np.ndarray, fn: Any = None):
+def _forward_backward(
+    model: torch.nn.Module, x: np.ndarray, w: np.ndarray, fn: Any = None, planned: bool = True
+):
     xt = to_torch(x).requires_grad_()
     model.zero_grad()
     out = (model if fn is None else fn)(xt)
     (out * to_torch(w)).sum().backward()
-    all_reduce_grads(model)  # a no-op in the one-rank group of the unsharded run
+    if planned:
+        all_reduce_grads(model)
     grads = {n: to_numpy(p.grad) for n, p in model.named_parameters()}
     return to_numpy(out), to_numpy(xt.grad), grads
 
@@ -35,7 +38,7 @@ def dit_with_plan(x: np.ndarray, w: np.ndarray, whole_model: bool, compile: bool
     """Unsharded run (a one-rank SP group) vs the same model sharded by applying a plan."""
     model = torch_model(init_params())
     with sp_group(_single_rank_group()):
-        expected = _forward_backward(model, x, w)
+        expected = _forward_backward(model, x, w, planned=False)
     hooks_before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     applied = apply_plan(model, JAX_PLAN if whole_model else TORCH_PLAN)
     frames = None
@@ -45,14 +48,16 @@ def dit_with_plan(x: np.ndarray, w: np.ndarray, whole_model: bool, compile: bool
 
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("inductor")
-        got = _forward_backward(model, x, w, torch.compile(model, backend=counter, fullgraph=True))
+        got = _forward_backward(
+            model, x, w, torch.compile(lambda t: model(t), backend=counter, fullgraph=True)
+        )
         frames = counter.frame_count
     else:
         got = _forward_backward(model, x, w)
     applied.remove()
     hooks_after = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     with sp_group(_single_rank_group()):
-        after_removal = _forward_backward(model, x, w)
+        after_removal = _forward_backward(model, x, w, planned=False)
     return {
         "expected": expected,
         "got": got,

@@ -31,10 +31,6 @@ from .jax_mesh import mesh_of, sharded, spec_on
 pytestmark = pytest.mark.timeout(120)
 
 # Bugs found by this table; each case marked with one fails today (xfail strict=True).
-BUG_VALIDATOR_NAMES = (
-    "ShardingValidator.shard reports its argument errors as sp_shard's, naming a function the "
-    "user did not call"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +123,57 @@ def zero_d_and_dim_cases() -> list[Case]:
             (X, "h", 2),
             ValueError,
             ("dim=2",),
-            bugs={"*": BUG_VALIDATOR_NAMES},
+            names=("ShardingValidator.shard",),
+        ),
+        Case(
+            "validator names itself",
+            "ShardingValidator.gather",
+            (X, "h", 1.5),
+            TypeError,
+            ("dim must be an int",),
+            names=("ShardingValidator.gather",),
+        ),
+        Case(
+            "validate_divisible 'no'",
+            "ShardingValidator.shard",
+            (X, "h", 1),
+            TypeError,
+            ("validate_divisible must be a bool", "'no'"),
+            {"validate_divisible": "no"},
+        ),
+        Case(
+            "grad_rule 'sum'",
+            "sp_shard",
+            (X, 1),
+            ValueError,
+            ("grad_rule='sum'",),
+            {"grad_rule": "sum"},
+        ),
+        Case(
+            "grad_rule 'slice'",
+            "sp_shard_with_padding",
+            (X, 1),
+            ValueError,
+            ("grad_rule='slice'", "'gather', 'local'"),
+            {"grad_rule": "slice"},
+        ),
+        Case("not a module", "all_reduce_grads", (X,), TypeError, ("torch.nn.Module",)),
+        Case(
+            "no planned forward pass",
+            "planned_seq_len",
+            (),
+            sp.PlanError,
+            ("no SP plan forward pass is running", "'sequence'"),
+        ),
+        Case("name 3", "planned_seq_len", (), TypeError, ("name must be a str", "3"), {"name": 3}),
+        Case("enabled 'on'", "sp_strict", ("on",), TypeError, ("'on'",)),
+        Case(
+            "gather 'no'",
+            "ShardInput",
+            ("x", 1),
+            TypeError,
+            ("gather must be bool", "'no'"),
+            {"gather": "no"},
         ),
     ]
     return cases
