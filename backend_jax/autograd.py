@@ -1,6 +1,13 @@
-"""Custom VJPs that state the gradient rules explicitly, so they hold under both
-``shard_map(check_vma=True)`` and ``check_vma=False`` (where JAX's own transposes of a replicated
-input differ)."""
+"""The gradient rules of shard and gather in JAX.
+
+Under ``shard_map(check_vma=True)`` custom VJPs state the rules explicitly (JAX types a replicated
+value as invariant and would otherwise psum its chunk gradients itself). Under
+``check_vma=False`` JAX has one convention of its own: the cotangent of a replicated output
+(``out_specs=P()``) is divided by N on each device and the per-device cotangents of a replicated
+input are summed; JAX's own transposes (pad for the slice, ``psum_scatter`` for the all-gather)
+compose exactly with it, first and second order, so there the plain collectives are used and
+both rules of each op coincide (a custom VJP would give whole gradients that JAX then sums
+again, off by N in the second order)."""
 
 from __future__ import annotations
 
@@ -75,7 +82,7 @@ def shard(x: jax.Array, dim: int, axis: AxisName, grad_rule: ShardGradRule) -> j
     ``"local"``: JAX's own transpose of the slice, this device's gradient chunk in place with
     zeros elsewhere (a per-device ``x`` or per-device loss terms; with ``check_vma=True`` the
     transpose of an ``x`` typed varying)."""
-    if grad_rule == "local":
+    if grad_rule == "local" or not vma_tracked(axis):
         return local_chunk(x, dim, axis)
     return _shard_replicated(x, dim, axis)
 
@@ -102,8 +109,11 @@ def check_shard_rule(func: str, x: jax.Array, axis: AxisName, grad_rule: ShardGr
 
 
 def gather(x: jax.Array, dim: int, axis: AxisName, grad_rule: GatherGradRule) -> jax.Array:
-    """Backward: this device's slice (``"slice"``) or the reduce-scatter sum."""
-    if vma_tracked(axis) and not varies_over(x, axis):
+    """Backward: this device's slice (``"slice"``) or the reduce-scatter sum (the same under
+    ``check_vma=False``: JAX's own ``psum_scatter`` of the cotangents it divided by N)."""
+    if not vma_tracked(axis):
+        return all_gather_along(x, dim, axis, invariant=False)
+    if not varies_over(x, axis):
         # An invariant input: cast it to varying first; JAX transposes that cast to a psum, which
         # sums the gradients of the N identical chunks.
         x = lax.pcast(x, axis, to="varying")
