@@ -151,3 +151,26 @@ def test_asyncio_tasks_each_track_their_own_names() -> None:
     results = asyncio.run(main())
     assert results[:3] == ["ok"] * 3 and results[4:] == ["ok"] * 2
     assert "'t3'" in results[3] and results[3].count("'t") == 1
+
+
+def test_validators_add_no_context_variables_however_many_are_made() -> None:
+    """Each validator used to create two ContextVars, which a context keeps forever."""
+    import contextvars
+
+    x = torch.ones(2, 4)
+    sp.ShardingValidator().gather(x, "warm-up", 1)
+    before = len(contextvars.copy_context())
+    for _ in range(100):
+        v = sp.ShardingValidator()
+        with v.track():
+            v.gather(v.shard(x, "h", 1), "h", 1)
+        v.validate()
+    assert len(contextvars.copy_context()) == before
+
+
+def test_validator_takes_a_group_and_names_itself_in_errors() -> None:
+    v = sp.ShardingValidator()
+    with pytest.raises(TypeError, match=r"ShardingValidator.shard: group must be"):
+        v.shard(torch.ones(2, 4), "h", 1, group=42)
+    with pytest.raises(ValueError, match=r"ShardingValidator.gather: dim=5 is out of range"):
+        v.gather(torch.ones(2, 4), "h", 5)
