@@ -10,12 +10,14 @@ Dynamo rewrites these c10d calls into functional collectives, so they also trace
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from sp_common.debug import CallRecord, disagreement
 from sp_common.shapes import shard_bounds
 
 ProcessGroup = dist.ProcessGroup
@@ -149,34 +151,28 @@ def check_summable(func: str, x: torch.Tensor, group: ProcessGroup | None) -> No
         )
 
 
-_META_SLOTS = 16
+def check_consistent(
+    func: str, record: CallRecord, device: torch.device, group: ProcessGroup | None
+) -> None:
+    """Raise ValueError on every rank unless every rank of ``group`` announces the same
+    ``record`` of its call to ``func`` (see ``sp_common.debug``).
 
-
-def check_consistent(func: str, x: torch.Tensor, dim: int, group: ProcessGroup | None) -> None:
-    """Raise ValueError on every rank unless all ranks hold ``x`` with one shape and dtype.
-
-    One all-gather of ``2 + 16`` int64 values per rank (ndim, dtype code, the shape).
+    One all-gather of a 128-bit digest of the record per rank (two int64 on ``device``); only when
+    the digests differ, a second one (``all_gather_object``) of the records, for the message.
+    Every rank sees the same digests, so every rank raises, or none does.
     """
-    shape = list(x.shape)
-    if len(shape) > _META_SLOTS:  # fold the dims past the last slot into one code
-        shape = [*shape[: _META_SLOTS - 1], zlib.crc32(repr(shape[_META_SLOTS - 1 :]).encode())]
-    meta = [x.dim(), zlib.crc32(str(x.dtype).encode()), *shape]
-    meta += [-1] * (2 + _META_SLOTS - len(meta))
-    mine = torch.tensor(meta, dtype=torch.int64, device=x.device)
+    digest = hashlib.blake2b(repr(record).encode(), digest_size=16).digest()
+    words = [int.from_bytes(digest[i : i + 8], "little", signed=True) for i in (0, 8)]
+    mine = torch.tensor(words, dtype=torch.int64, device=device)
     n = dist.get_world_size(group)
     everyone = mine.new_empty(n * mine.numel())
     dist.all_gather_single(everyone, mine, group=group)
     rows = everyone.view(n, -1).tolist()
     if all(row == rows[0] for row in rows):
         return
-    dtypes = [None] * n
-    dist.all_gather_object(dtypes, (tuple(x.shape), str(x.dtype)), group=group)
-    listing = "; ".join(f"rank {r}: shape {s} {d}" for r, (s, d) in enumerate(dtypes))  # type: ignore[misc]
-    raise ValueError(
-        f"{func}: ranks disagree on the tensor to shard/gather along dim {dim} ({listing}); "
-        "every rank of the SP group must pass the same shape and dtype (pad variable-length "
-        "sequences to one length with sp_shard_with_padding)."
-    )
+    records: list[Any] = [None] * n
+    dist.all_gather_object(records, record, group=group)
+    raise disagreement(func, records)
 
 
 def all_to_all_along(

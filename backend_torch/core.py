@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from sp_common.backend import Backend
-from sp_common.debug import debug_enabled
+from sp_common.debug import call_record, debug_enabled
 from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group, active_group_traceable, guard_identity
 from sp_common.shapes import DtypeInfo
@@ -176,7 +177,18 @@ class TorchBackend(Backend):
     def prefix(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         return x.narrow(dim, 0, length).contiguous()
 
-    def check_consistent(self, func: str, x: torch.Tensor, dim: int, group: Any) -> None:
-        # Skipped while compiling: the check reads its verdict back to Python.
-        if not torch.compiler.is_compiling() and debug_enabled():
-            collectives.check_consistent(func, x, dim, group)
+    def check_consistent(
+        self,
+        func: str,
+        group: Any,
+        tensors: Mapping[str, object],
+        values: Mapping[str, object],
+        failure: Exception | None = None,
+    ) -> None:
+        # Skipped while compiling: the check reads its verdict back to Python (and Dynamo
+        # cannot trace the ContextVar read of debug_enabled, so it must come second).
+        if torch.compiler.is_compiling() or not debug_enabled():
+            return
+        device = next(t.device for t in tensors.values() if isinstance(t, torch.Tensor))
+        record = call_record(self, tensors, values, failure)
+        collectives.check_consistent(func, record, device, group)

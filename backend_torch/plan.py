@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -207,7 +207,30 @@ def _gather_hook(path: str, specs: list[GatherOutput]) -> Any:
         if run is None:
             raise PlanError(f"{path}: a planned submodule ran outside its model's forward pass.")
         for spec in specs:
+            where = f"{path or '<model>'} output"
+            if isinstance(output, Mapping):
+                run.abandon()
+                keys = list(output)
+                example = (
+                    f" (e.g. the one whose result becomes output[{keys[0]!r}])" if keys else ""
+                )
+                raise PlanError(
+                    f"{where}" + ("" if spec.index is None else f"[{spec.index}]") + ": the "
+                    f"output is a {type(output).__name__} with keys {keys}, but GatherOutput "
+                    "gathers a tensor output (index=None) or element `index` of a tuple/list "
+                    "output, not a dict entry; put the GatherOutput on the submodule that "
+                    f"computes the tensor{example}, or make {path or 'the model'} return a tuple "
+                    "and pass GatherOutput(dim, index=...)."
+                )
             if spec.index is None:
+                if isinstance(output, (tuple, list)):
+                    run.abandon()
+                    raise PlanError(
+                        f"{where}: the output is a {type(output).__name__} of length "
+                        f"{len(output)}, and GatherOutput(index=None) gathers a tensor output; "
+                        f"pick the element with GatherOutput(dim, index=...) (0 to "
+                        f"{len(output) - 1})."
+                    )
                 output = run.gather(path, spec, output, grad_rule="reduce_scatter")
                 continue
             if not isinstance(output, (tuple, list)) or not -len(output) <= spec.index < len(
@@ -215,7 +238,7 @@ def _gather_hook(path: str, specs: list[GatherOutput]) -> Any:
             ):
                 run.abandon()
                 raise PlanError(
-                    f"{path or '<model>'} output[{spec.index}]: the output is "
+                    f"{where}[{spec.index}]: the output is "
                     f"{type(output).__name__}"
                     + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
                     + "; fix GatherOutput.index."

@@ -33,6 +33,21 @@ def prepare(
     return backend, shape, normalize_dim(func, dim, shape), g, n
 
 
+# What the local argument checks raise. In debug mode a rank whose local checks raise one of
+# these announces it in the cross-rank check (``Backend.check_consistent``) before raising it,
+# so that the ranks whose checks passed stop too instead of waiting for it in the collective.
+LOCAL_ERRORS = (TypeError, ValueError)
+
+
+def check_flag(func: str, name: str, value: object) -> None:
+    """Raise TypeError unless ``value`` (the argument ``name`` of ``func``) is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{func}: {name} must be a bool, got {value!r} of type {type(value).__name__}; "
+            "pass True or False."
+        )
+
+
 def sp_shard(
     tensor: T, dim: int, validate: bool = True, *, group: Any = None, grad_rule: str | None = None
 ) -> T:
@@ -44,8 +59,9 @@ def sp_shard(
     Args:
         tensor: a ``torch.Tensor`` or ``jax.Array`` (the same full tensor on every rank).
         dim: the sequence dimension; negative counts from the end.
-        validate: with debug mode on (``sp_debug()``), also check that all ranks agree on shape
-            and dtype (torch). The local checks (dim range, divisibility) always run.
+        validate: a bool. With debug mode on (``sp_debug()``), check first that all ranks agree
+            on shape, dtype, ``dim`` and ``grad_rule`` and passed the local checks (torch). The
+            local checks (dim range, divisibility) always run.
         group: the SP group for this call: a torch ``ProcessGroup`` or a JAX mesh axis name
             (default: the innermost ``sp_group`` block, else the default group / axis ``"sp"``).
         grad_rule: ``"gather"`` (the default): every rank computes the same loss, so the
@@ -62,17 +78,29 @@ def sp_shard(
 
     Raises:
         ValueError: ``S`` is not divisible by N (use :func:`sp_shard_with_padding`), ``dim`` is
-            out of range, or ``tensor`` is 0-d.
-        TypeError: ``tensor`` is not a supported tensor type.
+            out of range, or ``tensor`` is 0-d; in debug mode, ranks that disagree (on every
+            rank, see ``sp_common.debug``).
+        TypeError: ``tensor`` is not a supported tensor type, or ``validate`` is not a bool.
     """
-    backend, shape, d, g, n = prepare("sp_shard", tensor, dim, group)
-    rule = shard_rule("sp_shard", grad_rule, backend.framework)
-    check_divisible("sp_shard", shape, d, n)
+    func = "sp_shard"
+    backend, g, n = resolve(func, tensor, group)
+    try:
+        check_flag(func, "validate", validate)
+        shape = backend.shape(tensor)
+        d = normalize_dim(func, dim, shape)
+        rule = shard_rule(func, grad_rule, backend.framework)
+        check_divisible(func, shape, d, n)
+        if n > 1:
+            backend.check_shard_rule(func, tensor, g, rule)
+    except LOCAL_ERRORS as e:
+        if n > 1 and validate is not False:
+            passed = {"dim": dim, "grad_rule": grad_rule}
+            backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
+        raise
     if n == 1:
         return tensor
-    backend.check_shard_rule("sp_shard", tensor, g, rule)
     if validate:
-        backend.check_consistent("sp_shard", tensor, d, g)
+        backend.check_consistent(func, g, {"tensor": tensor}, {"dim": d, "grad_rule": rule})
     return backend.shard(tensor, d, g, rule)
 
 
@@ -92,8 +120,9 @@ def sp_gather(
     Args:
         tensor: this rank's shard; all ranks must pass the same shape and dtype.
         dim: the dimension to concatenate along; negative counts from the end.
-        validate: with debug mode on, check that all ranks agree on shape and dtype first (torch;
-            a mismatch raises ValueError on every rank instead of hanging).
+        validate: a bool. With debug mode on, check first that all ranks agree on shape, dtype,
+            ``dim``, ``pad_size`` and ``grad_rule`` and passed the local checks (torch; a mismatch
+            raises ValueError on every rank instead of hanging).
         pad_size: elements to drop from the end of ``dim`` after gathering (the ``pad_size``
             returned by :func:`sp_shard_with_padding`).
         group: the SP group for this call (see :func:`sp_shard`).
@@ -108,13 +137,24 @@ def sp_gather(
         every dim before ``dim`` has size 1. JAX: ``all_gather(tiled=True)``, device-invariant
         under ``grad_rule="slice"`` (so ``out_specs=P()`` is accepted with ``check_vma=True``).
     """
-    backend, shape, d, g, n = prepare("sp_gather", tensor, dim, group)
-    rule = gather_rule("sp_gather", grad_rule, backend.framework)
-    full_shape = (*shape[:d], shape[d] * n, *shape[d + 1 :])
-    p = check_pad_size("sp_gather", pad_size, full_shape, d)
+    func = "sp_gather"
+    backend, g, n = resolve(func, tensor, group)
+    try:
+        check_flag(func, "validate", validate)
+        shape = backend.shape(tensor)
+        d = normalize_dim(func, dim, shape)
+        rule = gather_rule(func, grad_rule, backend.framework)
+        full_shape = (*shape[:d], shape[d] * n, *shape[d + 1 :])
+        p = check_pad_size(func, pad_size, full_shape, d)
+    except LOCAL_ERRORS as e:
+        if n > 1 and validate is not False:
+            passed = {"dim": dim, "pad_size": pad_size, "grad_rule": grad_rule}
+            backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
+        raise
     if n > 1:
         if validate:
-            backend.check_consistent("sp_gather", tensor, d, g)
+            agreed = {"dim": d, "pad_size": p, "grad_rule": rule}
+            backend.check_consistent(func, g, {"tensor": tensor}, agreed)
         tensor = backend.gather(tensor, d, g, rule)
     return backend.prefix(tensor, d, full_shape[d] - p) if p else tensor
 
@@ -139,14 +179,24 @@ def sp_shard_with_padding(
     ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`. ``grad_rule`` as in
     :func:`sp_shard`.
     """
-    backend, shape, d, g, n = prepare("sp_shard_with_padding", tensor, dim, group)
-    rule = shard_rule("sp_shard_with_padding", grad_rule, backend.framework)
-    fill = check_pad_value("sp_shard_with_padding", pad_value, backend.dtype_info(tensor))
+    func = "sp_shard_with_padding"
+    backend, g, n = resolve(func, tensor, group)
+    try:
+        shape = backend.shape(tensor)
+        d = normalize_dim(func, dim, shape)
+        rule = shard_rule(func, grad_rule, backend.framework)
+        fill = check_pad_value(func, pad_value, backend.dtype_info(tensor))
+        if n > 1:
+            backend.check_shard_rule(func, tensor, g, rule)
+    except LOCAL_ERRORS as e:
+        if n > 1:
+            passed = {"dim": dim, "grad_rule": grad_rule}
+            backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
+        raise
     if n == 1:
         return tensor, 0
     p = pad_size_for(shape[d], n)
-    backend.check_shard_rule("sp_shard_with_padding", tensor, g, rule)
-    backend.check_consistent("sp_shard_with_padding", tensor, d, g)
+    backend.check_consistent(func, g, {"tensor": tensor}, {"dim": d, "grad_rule": rule})
     padded = backend.pad_end(tensor, d, p, fill) if p else tensor
     return backend.shard(padded, d, g, rule), p
 

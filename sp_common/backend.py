@@ -8,6 +8,7 @@ cached per type, so dispatch costs one dict lookup after the first call.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .grad_rules import GatherGradRule, ShardGradRule
@@ -105,10 +106,23 @@ class Backend:
         """The first ``length`` elements of ``x`` along ``dim``."""
         raise NotImplementedError
 
-    def check_consistent(self, func: str, x: Any, dim: int, group: Any) -> None:
-        """In debug mode (``sp_common.debug``), raise ValueError on every rank unless all ranks
-        agree on ``x``'s shape and dtype; otherwise (and where the framework makes that true by
-        construction) a no-op that costs next to nothing."""
+    def check_consistent(
+        self,
+        func: str,
+        group: Any,
+        tensors: Mapping[str, object],
+        values: Mapping[str, object],
+        failure: Exception | None = None,
+    ) -> None:
+        """In debug mode (``sp_common.debug``), one small collective in which every rank of
+        ``group`` announces its call to ``func``: the shape and dtype of each of ``tensors`` (by
+        argument name), the argument ``values`` that must be equal on every rank, and
+        ``failure``, the error its local checks raised (None when they passed; a rank that failed
+        calls this before raising, so its peers never wait for it). Raises the ValueError of
+        ``sp_common.debug.disagreement`` on every rank unless all ranks announce the same; when
+        they do, returns (and the caller goes on, or raises its own error where every rank failed
+        alike). Outside debug mode, and where the framework makes ranks agree by construction
+        (JAX's SPMD), a no-op that costs next to nothing."""
 
 
 _by_type: dict[type, Backend] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from .api import prepare
+from .api import LOCAL_ERRORS, resolve
 from .shapes import check_divisible, normalize_dim
 
 T = TypeVar("T")
@@ -24,21 +24,32 @@ def sp_all_to_all(tensor: T, scatter_dim: int, gather_dim: int, *, group: Any = 
     swapped. World size 1 returns ``tensor``.
 
     Raises:
-        ValueError: the size of ``scatter_dim`` is not divisible by N, or a dim is out of range.
+        ValueError: the size of ``scatter_dim`` is not divisible by N, or a dim is out of range;
+            in debug mode (torch), ranks that disagree on the shape, dtype or either dim.
     """
-    backend, shape, s, g, n = prepare("sp_all_to_all", tensor, scatter_dim, group)
-    d = normalize_dim("sp_all_to_all", gather_dim, shape)
-    check_divisible(
-        "sp_all_to_all",
-        shape,
-        s,
-        n,
-        hint="pad that dim to a multiple of the world size first (sp_shard_with_padding pads "
-        "sequences; head counts must divide)",
-    )
+    func = "sp_all_to_all"
+    backend, g, n = resolve(func, tensor, group)
+    try:
+        shape = backend.shape(tensor)
+        s = normalize_dim(func, scatter_dim, shape)
+        d = normalize_dim(func, gather_dim, shape)
+        check_divisible(
+            func,
+            shape,
+            s,
+            n,
+            hint="pad that dim to a multiple of the world size first (sp_shard_with_padding pads "
+            "sequences; head counts must divide)",
+        )
+    except LOCAL_ERRORS as e:
+        if n > 1:
+            passed = {"scatter_dim": scatter_dim, "gather_dim": gather_dim}
+            backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
+        raise
     if n == 1:
         return tensor
-    backend.check_consistent("sp_all_to_all", tensor, s, g)
+    agreed = {"scatter_dim": s, "gather_dim": d}
+    backend.check_consistent(func, g, {"tensor": tensor}, agreed)
     return backend.all_to_all(tensor, s, d, g)
 
 
@@ -53,16 +64,22 @@ def sp_reduce_scatter(tensor: T, dim: int, *, group: Any = None) -> T:
         ValueError: the size of ``dim`` is not divisible by N, or ``dim`` is out of range.
         TypeError: a bool tensor (a sum of bools is not a bool; cast to an integer dtype).
     """
-    backend, shape, d, g, n = prepare("sp_reduce_scatter", tensor, dim, group)
-    if backend.dtype_info(tensor).kind == "bool":
-        raise TypeError(
-            "sp_reduce_scatter: tensor has dtype bool, whose sum over ranks is not a bool; cast "
-            "it to an integer dtype first."
-        )
-    check_divisible(
-        "sp_reduce_scatter", shape, d, n, hint="pad that dim to a multiple of the world size"
-    )
+    func = "sp_reduce_scatter"
+    backend, g, n = resolve(func, tensor, group)
+    try:
+        shape = backend.shape(tensor)
+        d = normalize_dim(func, dim, shape)
+        if backend.dtype_info(tensor).kind == "bool":
+            raise TypeError(
+                f"{func}: tensor has dtype bool, whose sum over ranks is not a bool; cast it to "
+                "an integer dtype first."
+            )
+        check_divisible(func, shape, d, n, hint="pad that dim to a multiple of the world size")
+    except LOCAL_ERRORS as e:
+        if n > 1:
+            backend.check_consistent(func, g, {"tensor": tensor}, {"dim": dim}, e)
+        raise
     if n == 1:
         return tensor
-    backend.check_consistent("sp_reduce_scatter", tensor, d, g)
+    backend.check_consistent(func, g, {"tensor": tensor}, {"dim": d})
     return backend.reduce_scatter(tensor, d, g)

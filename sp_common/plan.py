@@ -11,6 +11,7 @@ the same name.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -24,12 +25,27 @@ class PlanError(ValueError):
     """A plan does not match the model or the tensors it sees."""
 
 
-def _check_field(cls: str, field: str, value: object, types: tuple[type, ...]) -> None:
-    # bool is an int in Python; it is never a dim, index or position here.
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+def _check_fields(spec: Any, types: Mapping[str, tuple[type, ...]]) -> None:
+    """Check that each field of the frozen ``spec`` holds one of its ``types``; TypeError naming
+    the spec, the field and the value otherwise. An integer of another type (``numpy.int64``)
+    where ``int`` is expected is stored as an ``int``, as ``sp_shard`` takes it."""
+    cls = type(spec).__name__
+    for field, allowed in types.items():
+        value = getattr(spec, field)
+        # bool is an int in Python; it is never a dim, index or position here.
+        if isinstance(value, bool) and bool not in allowed:
+            pass
+        elif int in allowed and isinstance(value, numbers.Integral):
+            object.__setattr__(spec, field, int(value))
+            continue
+        elif isinstance(value, allowed):
+            continue
+        names = " or ".join(
+            {type(None): "None", numbers.Number: "a number"}.get(t, t.__name__) for t in allowed
+        )
         raise TypeError(
-            f"{cls}: {field} must be {names}, got {value!r} of type {type(value).__name__}."
+            f"{cls}: {field} must be {names}, got {value!r} of type {type(value).__name__}; "
+            f"pass {names}."
         )
 
 
@@ -56,12 +72,19 @@ class ShardInput:
     gather: bool = True
 
     def __post_init__(self) -> None:
-        _check_field("ShardInput", "arg", self.arg, (str, int))
-        _check_field("ShardInput", "dim", self.dim, (int,))
-        _check_field("ShardInput", "ndim", self.ndim, (int, type(None)))
-        _check_field("ShardInput", "pad", self.pad, (bool,))
-        _check_field("ShardInput", "name", self.name, (str,))
-        _check_field("ShardInput", "gather", self.gather, (bool,))
+        _check_fields(
+            self,
+            {
+                "arg": (str, int),
+                "dim": (int,),
+                "ndim": (int, type(None)),
+                "pad": (bool,),
+                # a bool pads a bool tensor; the dtype's limits are checked when it pads
+                "pad_value": (numbers.Number, bool),
+                "name": (str,),
+                "gather": (bool,),
+            },
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +101,15 @@ class GatherOutput:
     name: str = "sequence"
 
     def __post_init__(self) -> None:
-        _check_field("GatherOutput", "dim", self.dim, (int,))
-        _check_field("GatherOutput", "index", self.index, (int, type(None)))
-        _check_field("GatherOutput", "ndim", self.ndim, (int, type(None)))
-        _check_field("GatherOutput", "name", self.name, (str,))
+        _check_fields(
+            self,
+            {
+                "dim": (int,),
+                "index": (int, type(None)),
+                "ndim": (int, type(None)),
+                "name": (str,),
+            },
+        )
 
 
 Spec = ShardInput | GatherOutput

@@ -88,6 +88,35 @@ def _in_sp_strict(enabled: Any) -> None:
         pass
 
 
+class _Head(torch.nn.Module):
+    """Returns its input twice, as a dict (``"dict"``) or a tuple (``"tuple"``)."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return {"sample": x, "aux": x} if self.output == "dict" else (x, x)
+
+
+class _HeadModel(torch.nn.Module):
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.head = _Head(output)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.head(x)
+
+
+def _planned_forward(x: torch.Tensor, output: str, index: Any) -> Any:
+    """A forward pass of a model whose ``head`` returns a dict or tuple (see :class:`_Head`),
+    under a plan that shards ``x`` on dim 1 and gathers ``head``'s output (``index``)."""
+    model = _HeadModel(output)
+    plan = sp.SPPlan({"": sp.ShardInput("x", 1), "head": sp.GatherOutput(1, index=index)})
+    with sp.apply_plan(model, plan):
+        return model(x)
+
+
 def _torch_to_jax(*args: Any, **kwargs: Any) -> Any:
     from sp_common.interop import torch_to_jax
 
@@ -124,6 +153,7 @@ CALLS: dict[str, Callable[..., Any]] = {
     "ShardInput": sp.ShardInput,
     "GatherOutput": sp.GatherOutput,
     "apply_plan": sp.apply_plan,
+    "apply_plan (then a forward pass)": _planned_forward,
     "all_reduce_grads": sp.all_reduce_grads,
     "planned_seq_len": sp.planned_seq_len,
     "sp_strict": _in_sp_strict,

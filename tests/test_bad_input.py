@@ -414,6 +414,31 @@ def argument_cases() -> list[Case]:
         ),
         Case("enabled 'off'", "sp_debug", ("off",), TypeError, ("'off'",)),
         Case(
+            "validate 'no'",
+            "sp_shard",
+            (X, 1),
+            TypeError,
+            ("validate must be a bool", "'no'"),
+            {"validate": "no"},
+        ),
+        Case(
+            "validate 'no'",
+            "sp_gather",
+            (X, 1),
+            TypeError,
+            ("validate must be a bool", "'no'"),
+            {"validate": "no"},
+        ),
+        Case("validate 0", "sp_gather", (X, 1, 0), TypeError, ("validate must be a bool", "got 0")),
+        Case(
+            "local 'yes'",
+            "sp_padding_mask",
+            (X, 4),
+            TypeError,
+            ("local must be a bool", "'yes'"),
+            {"local": "yes"},
+        ),
+        Case(
             "an argument",
             "get_sharding_validator",
             (1,),
@@ -566,6 +591,60 @@ def plan_cases() -> list[Case]:
         ),
         Case("dim '1'", "ShardInput", ("x", "1"), TypeError, ("'1'",)),
         Case("dim 1.0", "GatherOutput", (1.0,), TypeError, ("1.0",)),
+        Case(
+            "pad_value 'a'",
+            "ShardInput",
+            ("x", 1),
+            TypeError,
+            ("pad_value must be a number", "'a'"),
+            {"pad_value": "a"},
+        ),
+        Case(
+            "dim numpy bool",
+            "ShardInput",
+            ("x", np.bool_(True)),
+            TypeError,
+            ("dim must be int", "True"),
+        ),
+        Case(
+            "index 0.0",
+            "GatherOutput",
+            (1,),
+            TypeError,
+            ("index must be int or None", "0.0"),
+            {"index": 0.0},
+        ),
+        Case(
+            "dict output",
+            "apply_plan (then a forward pass)",
+            (X, "dict", None),
+            sp.PlanError,
+            (
+                "dict with keys ['sample', 'aux']",
+                "output['sample']",
+                "GatherOutput(dim, index=...)",
+            ),
+            names=("head output:",),
+            backends=("torch",),
+        ),
+        Case(
+            "dict output, index 0",
+            "apply_plan (then a forward pass)",
+            (X, "dict", 0),
+            sp.PlanError,
+            ("dict with keys ['sample', 'aux']", "not a dict entry"),
+            names=("head output[0]:",),
+            backends=("torch",),
+        ),
+        Case(
+            "tuple output, no index",
+            "apply_plan (then a forward pass)",
+            (X, "tuple", None),
+            sp.PlanError,
+            ("tuple of length 2", "GatherOutput(dim, index=...) (0 to 1)"),
+            names=("head output:",),
+            backends=("torch",),
+        ),
         Case("target 42", "apply_plan", (42, plan), TypeError, ("target is int",)),
         Case(
             "module with mesh",
@@ -672,6 +751,17 @@ def test_every_bad_input_kind_is_in_the_table() -> None:
 
 
 # Inputs that look bad but are valid: they must work, bitwise.
+
+
+def test_plan_specs_take_numpy_integers_as_sp_shard_does_and_store_them_as_int() -> None:
+    shard = sp.ShardInput(np.int64(0), dim=np.int64(1), ndim=np.int32(3), pad_value=np.float32(1))
+    gather = sp.GatherOutput(dim=np.int64(1), index=np.int64(0), ndim=np.int16(3))
+    for spec, fields in ((shard, ("arg", "dim", "ndim")), (gather, ("dim", "index", "ndim"))):
+        for field in fields:
+            assert type(getattr(spec, field)) is int, (spec, field)
+    assert shard == sp.ShardInput(0, dim=1, ndim=3, pad_value=1.0)
+    assert gather == sp.GatherOutput(1, index=0, ndim=3)
+    assert sp.ShardInput("mask", 1, pad_value=True).pad_value is True  # pads a bool tensor
 
 
 def test_sequences_shorter_than_the_world_size_round_trip_with_ranks_that_hold_only_padding(
