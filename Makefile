@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,24 @@ demo: $(STAMP)
 # Ratios against the raw collectives on 4 gloo ranks / 4 JAX CPU devices (not part of `make test`).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# On GPU machines (not part of `make test`): tests/test_gpu.py on NCCL ranks and a JAX GPU mesh,
+# then sp-compare on N GPUs. It needs CUDA builds of torch and/or jax, which the CPU-only .venv
+# lacks: make gpu-check GPU_PYTHON=/path/to/cuda-env/bin/python. A framework that sees fewer than
+# 2 GPUs is skipped, with the reason printed.
+GPU_PYTHON ?= $(PY)
+
+gpu-check: $(if $(filter $(PY),$(GPU_PYTHON)),$(STAMP))
+	XLA_PYTHON_CLIENT_PREALLOCATE=false $(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py
+	@t=$$($(GPU_PYTHON) -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0); \
+	j=$$($(GPU_PYTHON) -c 'import jax; print(len(jax.devices("gpu")))' 2>/dev/null || echo 0); \
+	if [ "$$t" -ge 2 ] && [ "$$j" -ge "$$t" ]; then b=torch,jax; n=$$t; \
+	elif [ "$$t" -ge 2 ]; then b=torch; n=$$t; \
+	elif [ "$$j" -ge 2 ]; then b=jax; n=$$j; \
+	else echo "gpu-check: sp-compare skipped: torch sees $$t CUDA device(s), JAX $$j GPU(s);" \
+		"it needs 2"; exit 0; fi; \
+	set -x; $(GPU_PYTHON) -m sp_common --device gpu --backends $$b --world-size $$n \
+		--shape 1,$$((n * 512)),$$((n * 32)) --heads $$n --seq-lens $$((n * 128)),$$((n * 512))
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

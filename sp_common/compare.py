@@ -8,8 +8,8 @@ rank, times it after warm-up, and prints one table::
 
 torch runs on N spawned ranks: gloo on the CPU, or NCCL when N CUDA devices are present. JAX runs
 ``jit(shard_map(...))`` on N devices of its platform: on the CPU, N host devices made with
-``--xla_force_host_platform_device_count``. Bad arguments get a one-line error and exit status 2;
-a failed check exits 1.
+``--xla_force_host_platform_device_count``. Bad arguments, output paths included, get a one-line
+error and exit status 2 before any work; a failed check exits 1.
 
 Importing this module imports no framework: torch and JAX are imported when a run needs them.
 """
@@ -29,7 +29,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TextIO
 
-from .compare_cases import DTYPES, FLOAT_DTYPES, OP_DESCRIPTIONS, OPS, Case, scatter_dim_for
+from .compare_cases import (
+    DTYPES,
+    FLOAT_DTYPES,
+    OP_DESCRIPTIONS,
+    OPS,
+    ULYSSES_JAX_DTYPES,
+    ULYSSES_JAX_FAILS,
+    Case,
+    scatter_dim_for,
+)
 from .compare_report import Row, footnotes, record, table, write_json, write_plot
 
 BACKENDS = ("torch", "jax")
@@ -75,7 +84,11 @@ def _parser() -> argparse.ArgumentParser:
         "every rank's result against numpy (bitwise; ulysses: allclose), time them after warm-up "
         "and print one table.",
         epilog=f"ops:\n{ops}\n\n'padded' runs on S - 1 tokens when N divides S, so it always "
-        "pads. Exit status: 0 all correct, 1 a check failed or an op raised, 2 bad arguments.",
+        "pads. 'ulysses' needs a float dtype, and on the jax backend one of "
+        f"{', '.join(ULYSSES_JAX_DTYPES)} (JAX attention takes the softmax in float32 and has "
+        "no float16 on the CPU); torch runs it in every float dtype. Exit status: 0 all "
+        "correct, 1 a check failed or an op raised, 2 bad arguments (reported before any "
+        "work, --json and --plot paths included).",
     )
     p.add_argument("--backends", default="torch,jax", help="comma-separated (default torch,jax)")
     p.add_argument(
@@ -90,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         "--shape", default="1,4096,256", metavar="B,S,H", help="global shape (default 1,4096,256)"
     )
     p.add_argument("--dim", type=int, default=1, help="the sequence dim of --shape (default 1)")
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help=f"one of {', '.join(DTYPES)} (ulysses on jax: {', '.join(ULYSSES_JAX_DTYPES)})",
+    )
     p.add_argument("--ops", help=f"comma-separated from {','.join(OPS)} (default: all that fit)")
     p.add_argument("--heads", type=int, default=8, help="ulysses: H = heads x D (default 8)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per op (default 20)")
@@ -106,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): GPUs where a backend sees N of them, else the CPU",
     )
-    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure, with settings")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="time vs sequence length")
+    p.add_argument("--json", metavar="FILE", help="write every figure, with settings")
+    p.add_argument("--plot", metavar="FILE.png", help="time vs sequence length")
     return p
 
 
@@ -138,6 +155,43 @@ def _at_least(value: int, low: int, option: str, why: str) -> None:
         raise CompareError(f"{option} {value}: must be at least {low} ({why})")
 
 
+def output_path(option: str, text: str | None, example: str) -> Path | None:
+    """``text`` as the file ``option`` writes at the end of the run, checked up front.
+
+    CompareError unless it names a file (not a folder) in an existing folder and this process
+    can open it for writing (tried here; a file the try creates is removed again), so that a bad
+    path costs a one-line error, not a finished sweep. ``example`` is a file name to suggest.
+    """
+    if text is None:
+        return None
+    path = Path(text)
+    folder = path.parent
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise CompareError(
+            f"{option} {text}: is a folder, not a file; name a file, e.g. {path / example}"
+        )
+    if not folder.exists():
+        raise CompareError(
+            f"{option} {text}: the folder {folder} does not exist; create it or name a file in "
+            "an existing folder"
+        )
+    if not folder.is_dir():
+        raise CompareError(
+            f"{option} {text}: {folder} is a file, not a folder; name a file in an existing folder"
+        )
+    existed = path.exists()
+    try:  # the one sure test (os.access is not, for root or /proc): open it as the run will
+        path.open("ab").close()
+    except OSError as e:
+        raise CompareError(
+            f"{option} {text}: cannot be written ({e.strerror}); name a file in a folder you can "
+            "write to"
+        ) from None
+    if not existed:
+        path.unlink()
+    return path
+
+
 def parse_args(argv: Sequence[str] | None) -> Settings:
     """The command line as :class:`Settings`; CompareError for anything malformed."""
     a = _parser().parse_args(argv)
@@ -154,9 +208,16 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     _at_least(a.repeats, 1, "--repeats", "the median needs a timed call")
     _at_least(a.warmup, 0, "--warmup", "a count of calls")
     _at_least(a.heads, 1, "--heads", "a count of heads")
-    for option, path in (("--json", a.json), ("--plot", a.plot)):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise CompareError(f"{option} {path}: the folder {path.parent} does not exist")
+    json_path = output_path("--json", a.json, "compare.json")
+    plot_path = output_path("--plot", a.plot, "compare.png")
+    if (
+        json_path is not None
+        and plot_path is not None
+        and json_path.resolve() == plot_path.resolve()
+    ):
+        raise CompareError(
+            f"--json {a.json} and --plot {a.plot} name the same file; give each its own file"
+        )
     if a.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise CompareError(
             "--plot needs matplotlib, which is not installed; pip install 'sp-sharding[plot]'"
@@ -174,8 +235,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         warmup=a.warmup,
         seq_lens=(shape[dim],) if a.seq_lens is None else _ints(a.seq_lens, "--seq-lens"),
         device=a.device,
-        json=a.json,
-        plot=a.plot,
+        json=json_path,
+        plot=plot_path,
     )
 
 
@@ -207,6 +268,12 @@ def _unfit(op: str, s: Settings, shape: tuple[int, ...]) -> str | None:
     if op == "ulysses":
         if s.dtype not in FLOAT_DTYPES:
             return f"ulysses needs a float dtype, not {s.dtype}; pass --dtype float32"
+        if "jax" in s.backends and s.dtype in ULYSSES_JAX_FAILS:
+            return (
+                f"ulysses on the jax backend runs in {' or '.join(ULYSSES_JAX_DTYPES)} only, not "
+                f"{s.dtype} ({ULYSSES_JAX_FAILS[s.dtype]}); pass --dtype float32, or --backends "
+                "torch"
+            )
         if s.dim != 1 or len(shape) not in (3, 4):
             return "ulysses needs --dim 1 and a [B, S, hidden] or [B, S, heads, D] shape"
         if len(shape) == 3 and shape[2] % s.heads:
@@ -292,9 +359,11 @@ def torch_device(s: Settings) -> str:
 def jax_devices(s: Settings) -> list[Any]:
     """The first N devices for the JAX mesh; CompareError when there are fewer."""
     _require("jax")
-    if "jax" not in sys.modules:  # N host devices; the flag is read when JAX starts its backends
-        flag = f"--xla_force_host_platform_device_count={s.world_size}"
+    if "jax" not in sys.modules:  # both are read when JAX starts its backends
+        flag = f"--xla_force_host_platform_device_count={s.world_size}"  # N host devices
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        # JAX would take 75% of every GPU up front, starving the torch ranks on the same GPUs.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from .compare_jax import devices
 
     if s.device != "cpu":
@@ -431,7 +500,8 @@ def _settings_record(s: Settings) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the comparison; 0 when every check passed, 1 when one failed, 2 for bad arguments."""
+    """Run the comparison; 0 when every check passed, 1 when one failed (or a result file could
+    not be written after the run), 2 for bad arguments, all reported before any work."""
     from .compare_torch import RankFailure
 
     try:
@@ -456,11 +526,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(rows))
     for note in footnotes(rows):
         print(f"  {note}")
-    if s.json is not None:
-        write_json(s.json, record(rows, _settings_record(s), environment(placement)))
-        print(f"wrote {s.json}")
-    if s.plot is not None:
-        title = f"sp_common, world size {s.world_size}, {s.dtype}; {where}"
-        write_plot(s.plot, rows, title)
-        print(f"wrote {s.plot}")
+    try:
+        if s.json is not None:
+            write_json(s.json, record(rows, _settings_record(s), environment(placement)))
+            print(f"wrote {s.json}")
+        if s.plot is not None:
+            title = f"sp_common, world size {s.world_size}, {s.dtype}; {where}"
+            write_plot(s.plot, rows, title)
+            print(f"wrote {s.plot}")
+    except OSError as e:  # checked up front; this is a full disk or a folder removed meanwhile
+        print(f"{PROG}: error: could not write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
     return 0 if all(r.correct for r in rows) else 1

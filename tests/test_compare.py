@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 
 from sp_common.compare import CompareError, Progress, parse_args, plan
-from sp_common.compare_cases import OPS, Case
+from sp_common.compare_cases import DTYPES, FLOAT_DTYPES, OPS, ULYSSES_JAX_FAILS, Case
 
 pytestmark = pytest.mark.timeout(180)
 
 SUBPROCESS_TIMEOUT_S = 150
+# A sweep that takes seconds: what a bad argument must stop before it starts.
+SMALL = ["--world-size", "2", "--shape", "2,6,4", "--heads", "2", "--repeats", "1", "--warmup", "0"]
+SMALL += ["--device", "cpu"]
 
 
 def sp_compare(*args: str) -> subprocess.CompletedProcess[str]:
@@ -71,14 +74,28 @@ def test_a_small_run_on_two_torch_ranks_and_two_jax_devices_is_correct_and_recor
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bfloat16_and_bool_move_bitwise_and_ulysses_is_close_in_bfloat16() -> None:
-    for dtype, ops in (("bfloat16", "gather,padded,all-to-all,ulysses"), ("bool", "shard,padded")):
-        result = sp_compare(
-            *["--world-size", "2", "--shape", "2,6,4", "--heads", "2", "--dtype", dtype],
-            *["--ops", ops, "--repeats", "1", "--warmup", "0", "--device", "cpu"],
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert all(r[3] == "yes" for r in table_rows(result.stdout)), result.stdout
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_dtype_runs_every_op_it_offers_correctly_and_notes_what_it_leaves_out(
+    dtype: str,
+) -> None:
+    result = sp_compare(*SMALL, "--dtype", dtype)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = table_rows(result.stdout)
+    assert all(r[3] == "yes" for r in rows), result.stdout
+    ran = {r[0] for r in rows}
+    if dtype in FLOAT_DTYPES and dtype not in ULYSSES_JAX_FAILS:
+        assert ran == set(OPS)
+    else:
+        assert ran == set(OPS) - {"ulysses"}
+        assert "sp-compare: note: left out ulysses: ulysses " in result.stderr, result.stderr
+        assert f"not {dtype}" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", sorted(ULYSSES_JAX_FAILS))
+def test_ulysses_refused_on_jax_in_a_dtype_runs_correctly_on_torch_alone(dtype: str) -> None:
+    result = sp_compare(*SMALL, "--dtype", dtype, "--ops", "ulysses", "--backends", "torch")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [(r[0], r[1], r[3]) for r in table_rows(result.stdout)] == [("ulysses", "torch", "yes")]
 
 
 @pytest.mark.parametrize(
@@ -93,6 +110,15 @@ def test_bfloat16_and_bool_move_bitwise_and_ulysses_is_close_in_bfloat16() -> No
         (["--dim", "3"], "--dim 3: out of range"),
         (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
         (["--ops", "ulysses", "--dtype", "int32"], "ulysses needs a float dtype"),
+        (
+            [*SMALL, "--ops", "shard,ulysses", "--dtype", "float16"],
+            "--ops ulysses: ulysses on the jax backend runs in float32 or bfloat16 only, not "
+            "float16 (JAX attention raises for float16 on the CPU",
+        ),
+        (
+            [*SMALL, "--ops", "ulysses", "--dtype", "float64"],
+            "not float64 (JAX attention takes the softmax in float32",
+        ),
         (["--shape", "1,x,8"], "--shape '1,x,8': not a list of integers"),
         (["--world-size", "two"], "argument --world-size/-n: invalid int value"),
         (["--json", "/no/such/folder/c.json"], "--json /no/such/folder/c.json"),
@@ -105,6 +131,51 @@ def test_bad_arguments_exit_2_with_one_line_and_no_traceback(args: list[str], me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("sp-compare: error: ") and message in lines[0]
+
+
+def unwritable_paths(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """Output paths no one can write, root included (chmod does not stop root): ``kind ->
+    (path, what the error says)``."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    paths = {
+        "a folder": (str(tmp_path), "is a folder, not a file"),
+        "a folder name ending in /": (f"{tmp_path}/new/", "is a folder, not a file"),
+        "in a missing folder": (str(tmp_path / "missing" / "out"), "does not exist"),
+        "in a file": (str(a_file / "out"), f"{a_file} is a file, not a folder"),
+    }
+    if Path("/proc/self").is_dir():  # Linux: no one creates files in /proc
+        paths["in /proc"] = ("/proc/sp-compare-out", "cannot be written")
+    return paths
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize(
+    "kind",
+    ["a folder", "a folder name ending in /", "in a missing folder", "in a file", "in /proc"],
+)
+def test_an_output_path_that_cannot_be_written_exits_2_before_any_work(
+    option: str, kind: str, tmp_path: Path
+) -> None:
+    paths = unwritable_paths(tmp_path)
+    if kind not in paths:
+        pytest.skip(f"{kind}: no /proc on this system")
+    path, message = paths[kind]
+    result = sp_compare(*SMALL, option, path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""  # no table: the sweep never started
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"sp-compare: error: {option} {path}: ") and message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the check leaves no file
+
+
+def test_json_and_plot_naming_one_file_exit_2(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = sp_compare(*SMALL, "--json", str(out), "--plot", f"{tmp_path}/../{tmp_path.name}/out")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "name the same file; give each its own file" in result.stderr
+    assert not out.exists()
 
 
 def test_ops_that_do_not_fit_are_left_out_with_a_note_unless_named() -> None:
