@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_common.grad_rules import GatherGradRule, ShardGradRule
+from sp_common.shapes import padded_chunk
 
 from .collectives import (
     ProcessGroup,
@@ -83,6 +84,49 @@ class _ShardLocalGrad(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, x: torch.Tensor, dim: int, group: Any) -> tuple:
         x, (d,) = _front(x, in_dims[0], dim)
         return _ShardLocalGrad.apply(x, d, group), 0
+
+
+def _padded_chunk(x: torch.Tensor, dim: int, group: Any, pad: int, value: Any) -> torch.Tensor:
+    """This rank's chunk of ``x`` padded by ``pad`` along ``dim``, built alone (its real rows
+    copied next to its padding): one chunk-size copy, never the whole padded tensor."""
+    import torch.distributed as dist
+
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    start, real, fill = padded_chunk(x.shape[dim], n, rank)
+    piece = x.narrow(dim, start, real)
+    if not fill:
+        return piece.clone(memory_format=torch.contiguous_format)
+    fill_shape = list(x.shape)
+    fill_shape[dim] = fill
+    return torch.cat([piece, x.new_full(fill_shape, value)], dim=dim)
+
+
+class _ShardPadded(torch.autograd.Function):
+    """Forward: this rank's padded chunk. Backward: gather of the gradient chunks, padding
+    dropped (``"gather"``). The ``"local"`` rule needs no Function: the narrow and cat of
+    :func:`_padded_chunk` differentiate to this rank's chunk in place, zeros elsewhere."""
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, dim: int, group: ProcessGroup | None, pad: int, value: Any
+    ) -> torch.Tensor:
+        return _padded_chunk(x, dim, group, pad, value)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.dim, ctx.group, ctx.size = inputs[1], inputs[2], inputs[0].shape[inputs[1]]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        full = _GatherSliceGrad.apply(grad, ctx.dim, ctx.group)
+        return full.narrow(ctx.dim, 0, ctx.size), None, None, None, None
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple, x: torch.Tensor, dim: int, group: Any, pad: int, value: Any
+    ) -> tuple:
+        x, (d,) = _front(x, in_dims[0], dim)
+        return _ShardPadded.apply(x, d, group, pad, value), 0
 
 
 class _GatherSliceGrad(torch.autograd.Function):
@@ -187,6 +231,21 @@ def shard(
         return local_chunk(x, dim, group)  # no graph to record: skip the Function's ~4 us
     fn = _Shard if grad_rule == "gather" else _ShardLocalGrad
     return fn.apply(x, dim, group)
+
+
+def shard_padded(
+    x: torch.Tensor,
+    dim: int,
+    group: ProcessGroup | None,
+    pad: int,
+    value: Any,
+    grad_rule: ShardGradRule,
+) -> torch.Tensor:
+    if grad_rule == "local" or not (
+        (x.requires_grad and torch.is_grad_enabled()) or _is_functorch_wrapped(x)
+    ):
+        return _padded_chunk(x, dim, group, pad, value)
+    return _ShardPadded.apply(x, dim, group, pad, value)
 
 
 def check_shard_rule(

@@ -73,6 +73,31 @@ def _mesh_group(func: str, mesh: DeviceMesh) -> dist.ProcessGroup:
     return mesh.get_group()
 
 
+_DTYPE_INFO: dict[torch.dtype, DtypeInfo] = {}
+
+
+def _dtype_info(dt: torch.dtype) -> DtypeInfo:
+    name = str(dt)
+    if dt == torch.bool:
+        return DtypeInfo("bool", 0, 1, name, has_inf=False, has_nan=False)
+    if dt.is_complex or dt.is_floating_point:
+        finfo = torch.finfo(dt)  # of each part for complex dtypes (complex32: float16)
+        # finfo does not say whether infinities exist; the float8 names do: in e<E>m<M><flags>
+        # the flag "f" means finite (no inf), as in e4m3fn, e4m3fnuz, e5m2fnuz, e8m0fnu.
+        # Every torch float dtype has a NaN. (Read from the name: Dynamo can trace it.)
+        flags = name.partition("_e")[2].lstrip("0123456789m")
+        return DtypeInfo(
+            "complex" if dt.is_complex else "float",
+            finfo.min,
+            finfo.max,
+            name,
+            has_inf="f" not in flags,
+            has_nan=True,
+        )
+    iinfo = torch.iinfo(dt)
+    return DtypeInfo("int", iinfo.min, iinfo.max, name, has_inf=False, has_nan=False)
+
+
 class TorchBackend(Backend):
     framework = "torch"
 
@@ -83,25 +108,12 @@ class TorchBackend(Backend):
         return tuple(x.shape)
 
     def dtype_info(self, x: torch.Tensor) -> DtypeInfo:
-        dt, name = x.dtype, str(x.dtype)
-        if dt == torch.bool:
-            return DtypeInfo("bool", 0, 1, name, has_inf=False, has_nan=False)
-        if dt.is_complex or dt.is_floating_point:
-            finfo = torch.finfo(dt)  # of each part for complex dtypes (complex32: float16)
-            # finfo does not say whether infinities exist; the float8 names do: in e<E>m<M><flags>
-            # the flag "f" means finite (no inf), as in e4m3fn, e4m3fnuz, e5m2fnuz, e8m0fnu.
-            # Every torch float dtype has a NaN. (Read from the name: Dynamo can trace it.)
-            flags = name.partition("_e")[2].lstrip("0123456789m")
-            return DtypeInfo(
-                "complex" if dt.is_complex else "float",
-                finfo.min,
-                finfo.max,
-                name,
-                has_inf="f" not in flags,
-                has_nan=True,
-            )
-        iinfo = torch.iinfo(dt)
-        return DtypeInfo("int", iinfo.min, iinfo.max, name, has_inf=False, has_nan=False)
+        if torch.compiler.is_compiling():  # Dynamo traces the computation, not the cache
+            return _dtype_info(x.dtype)
+        info = _DTYPE_INFO.get(x.dtype)
+        if info is None:
+            info = _DTYPE_INFO[x.dtype] = _dtype_info(x.dtype)
+        return info
 
     def resolve_group(self, func: str, group: Any) -> dist.ProcessGroup | None:
         compiling = torch.compiler.is_compiling()
@@ -173,6 +185,17 @@ class TorchBackend(Backend):
         fill_shape = list(x.shape)
         fill_shape[dim] = pad
         return torch.cat([x, x.new_full(fill_shape, value)], dim=dim)
+
+    def shard_padded(
+        self,
+        x: torch.Tensor,
+        dim: int,
+        group: Any,
+        pad: int,
+        value: Any,
+        grad_rule: ShardGradRule,
+    ) -> torch.Tensor:
+        return autograd.shard_padded(x, dim, group, pad, value, grad_rule)
 
     def prefix(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         return x.narrow(dim, 0, length).contiguous()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import sp_common.api
 from backend_torch import autograd, collectives
-from sp_common import sp_all_to_all, sp_debug, sp_gather, sp_shard
+from sp_common import sp_all_to_all, sp_debug, sp_gather, sp_shard, sp_shard_with_padding
 
 Timings = dict[str, list[float]]
 
@@ -100,6 +100,29 @@ def shard_copy(shape: tuple[int, ...], repeats: int) -> Timings:
         "narrow.contiguous": lambda: x.narrow(1, r * length, length).contiguous(),
         "narrow.clone": lambda: x.narrow(1, r * length, length).clone(),
     }
+    return interleaved(fns, repeats)
+
+
+def padded_shard(shape: tuple[int, ...], repeats: int) -> Timings:
+    """``sp_shard_with_padding`` on dim 1 (a length N does not divide) vs the least work there is
+    (this rank's real rows copied next to its padding, one chunk-size tensor) and, when it is
+    installed, vLLM-Omni's ``sp_shard_with_padding`` (pads the whole tensor, returns a view)."""
+    from peers import vllm_omni_sp_sharding
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    n, r = dist.get_world_size(), dist.get_rank()
+    chunk = -(-shape[1] // n)
+    start, real = r * chunk, max(0, min(chunk, shape[1] - r * chunk))
+    fill = list(shape)
+    fill[1] = chunk - real
+
+    def least() -> torch.Tensor:
+        return torch.cat([x.narrow(1, min(start, shape[1]), real), x.new_zeros(fill)], dim=1)
+
+    fns = {"sp_shard_with_padding": lambda: sp_shard_with_padding(x, 1), "one chunk": least}
+    peer = vllm_omni_sp_sharding()
+    if peer is not None:
+        fns["vllm-omni"] = lambda: peer.sp_shard_with_padding(x, 1)
     return interleaved(fns, repeats)
 
 

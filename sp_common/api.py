@@ -197,8 +197,10 @@ def sp_shard_with_padding(
         return tensor, 0
     p = pad_size_for(shape[d], n)
     backend.check_consistent(func, g, {"tensor": tensor}, {"dim": d, "grad_rule": rule})
-    padded = backend.pad_end(tensor, d, p, fill) if p else tensor
-    return backend.shard(padded, d, g, rule), p
+    if not p:
+        return backend.shard(tensor, d, g, rule), 0
+    # Only this rank's padded chunk is built (the JAX backend pads, then slices: XLA fuses it).
+    return backend.shard_padded(tensor, d, g, p, fill, rule), p
 
 
 def sp_unpad(tensor: T, dim: int, pad_size: int) -> T:

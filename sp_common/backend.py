@@ -102,6 +102,14 @@ class Backend:
         """``x`` with ``pad`` elements of ``value`` appended along ``dim``."""
         raise NotImplementedError
 
+    def shard_padded(
+        self, x: Any, dim: int, group: Any, pad: int, value: Any, grad_rule: ShardGradRule
+    ) -> Any:
+        """This rank's chunk of ``x`` padded with ``pad`` elements of ``value`` at the end of
+        ``dim`` (as ``shard(pad_end(x, ...))``, which is the default). A backend may build only
+        this rank's chunk instead of the whole padded tensor."""
+        return self.shard(self.pad_end(x, dim, pad, value), dim, group, grad_rule)
+
     def prefix(self, x: Any, dim: int, length: int) -> Any:
         """The first ``length`` elements of ``x`` along ``dim``."""
         raise NotImplementedError

@@ -198,14 +198,19 @@ class PlanRun:
         """Shard ``value`` (the input ``spec.arg`` of module ``path``) as the plan says.
         ``rule``: an explicit ``grad_rule=`` for the shard (the torch plan's per-rank rule)."""
         where = f"{path or '<model>'} input {spec.arg!r}"
-        shape = _checked_shape(where, value, spec.ndim)
-        earlier = self.open.get(spec.name) or self.consumed.get(spec.name)
-        if earlier is not None and not self.replay:
-            raise PlanError(
-                f"{where}: shards {spec.name!r}, which {earlier} already sharded in this forward "
-                "pass and which is not gathered yet; its padding and length would be overwritten. "
-                "Give each sharded input a name of its own (ShardInput(..., name=...))."
-            )
+        try:
+            shape = _checked_shape(where, value, spec.ndim)
+            earlier = self.open.get(spec.name) or self.consumed.get(spec.name)
+            if earlier is not None and not self.replay:
+                raise PlanError(
+                    f"{where}: shards {spec.name!r}, which {earlier} already sharded in this "
+                    "forward pass and which is not gathered yet; its padding and length would be "
+                    "overwritten. Give each sharded input a name of its own "
+                    "(ShardInput(..., name=...))."
+                )
+        except PlanError as e:
+            _announce("SP plan shard", value, spec.dim, e)
+            raise
         if spec.pad:
             out, pad = sp_shard_with_padding(value, spec.dim, spec.pad_value, **rule)
         else:
@@ -221,12 +226,16 @@ class PlanRun:
         # Closed first: if the checks below raise, the end of the forward pass must not report
         # the same name again as "never gathered".
         self.open.pop(spec.name, None)
-        _checked_shape(where, value, spec.ndim)
-        if spec.name not in self.pads:
-            raise PlanError(
-                f"{where}: gathers {spec.name!r}, which no ShardInput has sharded in this forward "
-                "pass; check the order of the modules in the plan."
-            )
+        try:
+            _checked_shape(where, value, spec.ndim)
+            if spec.name not in self.pads:
+                raise PlanError(
+                    f"{where}: gathers {spec.name!r}, which no ShardInput has sharded in this "
+                    "forward pass; check the order of the modules in the plan."
+                )
+        except PlanError as e:
+            _announce("SP plan gather", value, spec.dim, e)
+            raise
         return sp_gather(value, spec.dim, pad_size=self.pads[spec.name], **rule)
 
     def abandon(self) -> None:
@@ -311,6 +320,18 @@ def end_run(outer: PlanRun | None, check: bool = True) -> None:
     _ACTIVE.run = outer
     if check and run is not None:
         run.finish()
+
+
+def _announce(func: str, value: Any, dim: int, failure: Exception) -> None:
+    """Debug mode: a rank whose plan check failed still joins the cross-rank check its peers
+    run in the shard or gather (so they raise too, instead of waiting for it)."""
+    try:
+        backend = backend_for(func, value)
+    except TypeError:
+        return  # not a tensor: no group to announce to
+    group = backend.resolve_group(func, None)
+    if backend.world_size(group) > 1:
+        backend.check_consistent(func, group, {"tensor": value}, {"dim": dim}, failure)
 
 
 def _checked_shape(where: str, value: Any, ndim: int | None) -> tuple[int, ...]:

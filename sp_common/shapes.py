@@ -54,6 +54,24 @@ def shard_bounds(size: int, world_size: int, rank: int) -> tuple[int, int]:
     return rank * length, length
 
 
+class PaddedChunk(NamedTuple):
+    """Rank ``rank``'s chunk of a ``size``-long dim padded at its end to ``chunk * world_size``:
+    ``real`` elements of the input from ``start``, then ``fill`` elements of padding."""
+
+    start: int
+    real: int
+    fill: int
+
+
+def padded_chunk(size: int, world_size: int, rank: int) -> PaddedChunk:
+    """``padded_chunk(10, 4, 3) == PaddedChunk(9, 1, 2)``: rank 3 of 4 holds element 9 and two
+    pads; ranks past the data hold only padding (``real == 0``, ``start == size``)."""
+    chunk = -(-size // world_size)
+    start = min(rank * chunk, size)
+    real = min(chunk, size - start)
+    return PaddedChunk(start, real, chunk - real)
+
+
 def check_divisible(
     func: str, shape: Sequence[int], dim: int, world_size: int, hint: str | None = None
 ) -> None:

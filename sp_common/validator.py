@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from .api import prepare, sp_gather, sp_shard, sp_shard_with_padding
-from .shapes import check_divisible
+from .api import LOCAL_ERRORS, resolve, sp_gather, sp_shard, sp_shard_with_padding
+from .shapes import check_divisible, normalize_dim
 
 T = TypeVar("T")
 
@@ -144,14 +144,22 @@ class ShardingValidator:
         ``group`` as in :func:`sp_shard`.
         """
         func = "ShardingValidator.shard"
-        _, shape, d, _, n = prepare(func, tensor, dim, group)
-        if not isinstance(validate_divisible, bool):
-            raise TypeError(
-                f"{func}: validate_divisible must be a bool, got {validate_divisible!r}; pass "
-                "True (raise when N does not divide) or False (pad)."
-            )
+        backend, g, n = resolve(func, tensor, group)
+        try:
+            shape = backend.shape(tensor)
+            d = normalize_dim(func, dim, shape)
+            if not isinstance(validate_divisible, bool):
+                raise TypeError(
+                    f"{func}: validate_divisible must be a bool, got {validate_divisible!r}; "
+                    "pass True (raise when N does not divide) or False (pad)."
+                )
+            if validate_divisible:
+                check_divisible(func, shape, d, n)
+        except LOCAL_ERRORS as e:
+            if n > 1:  # debug mode: the peers, already in sp_shard's check, must not wait
+                backend.check_consistent(func, g, {"tensor": tensor}, {"dim": dim}, e)
+            raise
         if validate_divisible:
-            check_divisible(func, shape, d, n)
             out, pad_size = sp_shard(tensor, dim, group=group), 0
         else:
             out, pad_size = sp_shard_with_padding(tensor, dim, group=group)
@@ -179,19 +187,26 @@ class ShardingValidator:
         :func:`sp_gather`.
         """
         func = "ShardingValidator.gather"
-        _, shape, d, _, _ = prepare(func, tensor, dim, group)
+        backend, g, n = resolve(func, tensor, group)
         slots = self._slots()
         target = slots.active if slots.active is not None else slots.last
         record = self._find(name, slots)
         pad_size = 0
-        if record is not None:
-            if (d, len(shape)) != (record.dim, record.ndim):
-                raise ValueError(
-                    f"{func}: {name!r} was sharded on dim {record.dim} of a "
-                    f"{record.ndim}-d tensor but is gathered on dim {dim} of shape "
-                    f"{tuple(shape)}; gather it on the dim it was sharded on."
-                )
-            pad_size = record.pad_size
+        try:
+            shape = backend.shape(tensor)
+            d = normalize_dim(func, dim, shape)
+            if record is not None:
+                if (d, len(shape)) != (record.dim, record.ndim):
+                    raise ValueError(
+                        f"{func}: {name!r} was sharded on dim {record.dim} of a "
+                        f"{record.ndim}-d tensor but is gathered on dim {dim} of shape "
+                        f"{tuple(shape)}; gather it on the dim it was sharded on."
+                    )
+                pad_size = record.pad_size
+        except LOCAL_ERRORS as e:
+            if n > 1:  # debug mode: the peers, already in sp_gather's check, must not wait
+                backend.check_consistent(func, g, {"tensor": tensor}, {"dim": dim}, e)
+            raise
         out = sp_gather(tensor, dim, pad_size=pad_size, group=group)
         if target is not None:
             target.gathered.add(name)

@@ -63,3 +63,17 @@ def collectives_per_call(call: str, args: tuple[Any, ...], debug: bool) -> dict[
         for name, original in originals.items():
             setattr(dist, name, original)
     return counts
+
+
+def plan_check_fails_on_one_rank() -> tuple[str, str]:
+    """Rank 1's input has the wrong ndim for the plan (a PlanError there, before the shard);
+    in debug mode the other ranks, already in the shard's check, must raise too."""
+    import torch
+
+    from sp_common import GatherOutput, ShardInput, SPPlan
+
+    model = torch.nn.Identity()
+    plan = SPPlan({"": (ShardInput("input", dim=1, ndim=3), GatherOutput(dim=1))})
+    x = torch.zeros((2, 4, 3) if dist.get_rank() == 0 else (2, 4))
+    with sp.apply_plan(model, plan), sp.sp_debug():
+        return outcome(lambda: model(x))

@@ -380,3 +380,36 @@ def test_debug_mode_adds_one_small_all_gather_and_without_it_no_collective_is_ad
         )
         for per_rank in counts:
             assert {k: v for k, v in per_rank.items() if v} == expected, (debug, per_rank)
+
+
+@pytest.mark.parametrize(
+    ("call", "args"),
+    [
+        ("ShardingValidator.shard (in track)", ((X, "h", 1), (T((2, 5, 3)), "h", 1))),
+        ("ShardingValidator.shard (in track)", ((X, "h", 1), (X, "h", 7))),
+        ("ShardingValidator.gather (in track, after shard)", ((X, "h", 1, 1), (X, "h", 1, 0))),
+    ],
+    ids=[
+        "validator shard: rank 1 not divisible",
+        "validator shard: rank 1 dim",
+        "validator gather: rank 1 dim",
+    ],
+)
+def test_a_validator_check_that_fails_on_one_rank_does_not_leave_the_others_waiting(
+    torch_ranks, call, args
+) -> None:
+    """The validator checks before calling sp_shard/sp_gather; a rank that failed there used to
+    skip the debug collective its peers were waiting in."""
+    outcomes = torch_ranks(2).run(
+        debug_tasks.call_in_debug_mode, call, list(args), [{}, {}], timeout_s=DEADLINE_S
+    )
+    assert [kind for kind, _ in outcomes] == ["ValueError", "ValueError"], outcomes
+    assert all("rank(s) [1] failed the local checks" in message for _, message in outcomes)
+
+
+def test_a_plan_check_that_fails_on_one_rank_does_not_leave_the_others_waiting(
+    torch_ranks,
+) -> None:
+    outcomes = torch_ranks(2).run(debug_tasks.plan_check_fails_on_one_rank, timeout_s=DEADLINE_S)
+    assert [kind for kind, _ in outcomes] == ["ValueError", "ValueError"], outcomes
+    assert all("rank(s) [1] failed the local checks" in message for _, message in outcomes)
