@@ -159,38 +159,62 @@ def _expand(model: torch.nn.Module, path: str) -> Iterator[tuple[str, torch.nn.M
 
 
 def _shard_hook(path: str, module: torch.nn.Module, specs: list[ShardInput]) -> Any:
-    """A pre-hook that shards the planned inputs, found in args or kwargs. The argument
-    positions come from ``forward``'s signature here, at registration: binding in the hook
-    itself (``Signature.bind``) would break torch.compile's graph."""
+    """A pre-hook that shards the planned inputs, found in args or kwargs. Where each one is
+    comes from ``forward``'s signature here, at registration: binding in the hook itself
+    (``Signature.bind``) would break torch.compile's graph.
+
+    - A parameter name: its position (if it has one), else that keyword of the call.
+    - A position ``i``: the positional parameter at ``i`` (so, passed by keyword, its name);
+      past the named ones, when ``forward`` takes ``*args``, position ``i`` of the call's
+      positional arguments.
+    - Any other name, when ``forward`` takes ``**kwargs``: that keyword of the call.
+
+    So a module whose ``forward(*args, **kwargs)`` hides its parameters (a wrapper such as
+    ``DistributedDataParallel``) takes positions and keywords; a ``functools.wraps``'d forward
+    shows (and is planned by) the wrapped signature.
+    """
+    kind = inspect.Parameter
     params = inspect.signature(module.forward).parameters
-    names = list(params)
     positional = [
-        n
-        for n, p in params.items()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        n for n, p in params.items() if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
     ]
-    where: list[tuple[ShardInput, str, int | None]] = []  # (spec, name, position or None)
+    named = [n for n, p in params.items() if p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)]
+    var_args = any(p.kind == kind.VAR_POSITIONAL for p in params.values())
+    var_kwargs = any(p.kind == kind.VAR_KEYWORD for p in params.values())
+    # (spec, keyword or None, position or None): where the hook looks, position first.
+    where: list[tuple[ShardInput, str | None, int | None]] = []
     for spec in specs:
-        name = spec.arg if isinstance(spec.arg, str) else None
-        if name is None and 0 <= int(spec.arg) < len(positional):
-            name = positional[int(spec.arg)]
-        if name is None or name not in names:
+        arg = spec.arg
+        if isinstance(arg, str) and (arg in named or var_kwargs):
+            position = positional.index(arg) if arg in positional else None
+            keyword = None if arg in named and params[arg].kind == kind.POSITIONAL_ONLY else arg
+            where.append((spec, keyword, position))
+        elif isinstance(arg, int) and 0 <= arg < len(positional):
+            name = positional[arg]
+            keyword = None if params[name].kind == kind.POSITIONAL_ONLY else name
+            where.append((spec, keyword, arg))
+        elif isinstance(arg, int) and arg >= 0 and var_args:
+            where.append((spec, None, arg))
+        else:
+            stars: dict[Any, str] = {kind.VAR_POSITIONAL: "*", kind.VAR_KEYWORD: "**"}
+            shown = ", ".join(stars.get(p.kind, "") + n for n, p in params.items())
             raise PlanError(
-                f"apply_plan: {path or '<model>'}.forward has no argument {spec.arg!r}; its "
-                f"arguments are {names}."
+                f"apply_plan: {path or '<model>'}.forward({shown}) has no argument {arg!r}; name "
+                f"one of its parameters {named} or give a position counted from 0"
+                + ("" if var_args else f" below {len(positional)}")
+                + "."
             )
-        where.append((spec, name, positional.index(name) if name in positional else None))
 
     def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         run = active_run()
         if run is None:
             raise PlanError(f"{path}: a planned submodule ran outside its model's forward pass.")
         args, kwargs = list(args), dict(kwargs)
-        for spec, name, position in where:
+        for spec, keyword, position in where:
             if position is not None and position < len(args):
                 args[position] = run.shard(path, spec, args[position], grad_rule="local")
-            elif name in kwargs:
-                kwargs[name] = run.shard(path, spec, kwargs[name], grad_rule="local")
+            elif keyword is not None and keyword in kwargs:
+                kwargs[keyword] = run.shard(path, spec, kwargs[keyword], grad_rule="local")
             else:
                 raise PlanError(
                     f"{path or '<model>'} input {spec.arg!r}: the plan shards it, but the call "

@@ -138,7 +138,12 @@ def check_pad_value(func: str, value: object, info: DtypeInfo) -> int | float | 
             f"{func}: pad_value must be a Python number, got {value!r} of type "
             f"{type(value).__name__}; pass a scalar such as 0.0."
         )
-    cant = f"{func}: pad_value={value!r} cannot be held by dtype {info.name}"
+    # Under torch.compile(dynamic=True) a pad value (even the default) is a symbolic float that
+    # Dynamo cannot put into an f-string as it is, but the result of an operation on it, it can:
+    # it specializes it to its value (a guard; another value recompiles), so the message shows
+    # the value and the graph pads with a constant. On a plain int or float, + is a no-op.
+    shown = +value if isinstance(value, (int, float)) and type(value) in (int, float) else value
+    cant = f"{func}: pad_value={shown!r} cannot be held by dtype {info.name}"
     if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
         if info.kind != "complex":
             raise ValueError(f"{cant}; pass a real pad_value for a {info.kind} tensor.")
@@ -174,11 +179,13 @@ def _float_part(cant: str, part: Any, info: DtypeInfo) -> float:
         v = float(part)
     except OverflowError:  # an int too large for any float
         raise ValueError(f"{cant} (it would overflow); {instead}.") from None
-    if math.isnan(v):
+    # Comparisons, not math.isnan/isinf: they also work on a symbolic float under torch.compile
+    # (as guards on its value), which the math functions reject.
+    if v != v:  # NaN
         if info.has_nan:
             return math.nan
         raise ValueError(f"{cant}: the dtype has no NaN; {instead}.")
-    if math.isinf(v):
+    if abs(v) == math.inf:
         if info.has_inf:
             return v
         raise ValueError(
