@@ -77,15 +77,23 @@ def apply_plan(
     shards = [s for s in specs.get("", ()) if isinstance(s, ShardInput)]
     gathers = [s for s in specs.get("", ()) if isinstance(s, GatherOutput)]
     signature = inspect.signature(fn)
-    names = list(signature.parameters)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    names = [n for n, p in signature.parameters.items() if p.kind not in variadic]
+    positional = [
+        n
+        for n, p in signature.parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
     keys = []
     for spec in shards:
         if isinstance(spec.arg, int):
-            if not 0 <= spec.arg < len(names):
+            if not 0 <= spec.arg < len(positional):
                 raise PlanError(
-                    f"apply_plan: {fn.__name__} has no argument at position {spec.arg}."
+                    f"apply_plan: {fn.__name__}{signature} has no named parameter at position "
+                    f"{spec.arg}; a JAX plan shards named parameters (not *args / **kwargs): "
+                    "name the argument in the function's signature."
                 )
-            keys.append(names[spec.arg])
+            keys.append(positional[spec.arg])
         elif spec.arg not in names:
             raise PlanError(
                 f"apply_plan: {fn.__name__} has no argument {spec.arg!r}; its arguments are "

@@ -59,7 +59,9 @@ def _checked_lengths(
     shapes = [shape, backend.shape(k), backend.shape(v)]
     if (
         any(len(s) != 4 for s in shapes)
-        or len({s[:3] for s in shapes}) != 1
+        # Compared, not hashed into a set: a set of symbolic sizes under torch.compile would
+        # specialize every length (a recompile per length).
+        or any(s[:3] != shapes[0][:3] for s in shapes[1:])
         or shapes[0][3] != shapes[1][3]
     ):
         raise ValueError(

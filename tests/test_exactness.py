@@ -158,3 +158,14 @@ def test_the_validator_removes_padding_in_nested_blocks_and_after_its_block(n, t
     nested, after = mapped(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(nested), x)
     np.testing.assert_array_equal(np.asarray(after), x)
+
+
+def test_a_jax_plan_position_must_name_a_parameter_not_star_args() -> None:
+    """Position 0 of ``def f(*args)`` used to mean the whole ``args`` tuple."""
+
+    def f(*args):
+        return args[0]
+
+    plan = SPPlan({"": (ShardInput(0, dim=1), GatherOutput(dim=1))})
+    with pytest.raises(sp.PlanError, match=r"no named parameter at position 0.*\*args"):
+        sp.apply_plan(f, plan, mesh=mesh_of(2))
