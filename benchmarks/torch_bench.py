@@ -103,10 +103,12 @@ def shard_copy(shape: tuple[int, ...], repeats: int) -> Timings:
     return interleaved(fns, repeats)
 
 
-def padded_shard(shape: tuple[int, ...], repeats: int) -> Timings:
+def padded_shard(shape: tuple[int, ...], peer: bool, repeats: int) -> Timings:
     """``sp_shard_with_padding`` on dim 1 (a length N does not divide) vs the least work there is
-    (this rank's real rows copied next to its padding, one chunk-size tensor) and, when it is
-    installed, vLLM-Omni's ``sp_shard_with_padding`` (pads the whole tensor, returns a view)."""
+    (this rank's real rows copied next to its padding, one chunk-size tensor), or with ``peer``
+    vs vLLM-Omni's ``sp_shard_with_padding`` (pads the whole tensor, returns a view of it; empty
+    Timings when it is not installed). Two separate runs: the peer's full-size allocations
+    would otherwise disturb the small candidates they are interleaved with."""
     from peers import vllm_omni_sp_sharding
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -119,10 +121,16 @@ def padded_shard(shape: tuple[int, ...], repeats: int) -> Timings:
     def least() -> torch.Tensor:
         return torch.cat([x.narrow(1, min(start, shape[1]), real), x.new_zeros(fill)], dim=1)
 
-    fns = {"sp_shard_with_padding": lambda: sp_shard_with_padding(x, 1), "one chunk": least}
-    peer = vllm_omni_sp_sharding()
-    if peer is not None:
-        fns["vllm-omni"] = lambda: peer.sp_shard_with_padding(x, 1)
+    fns: dict[str, Callable[[], Any]] = {
+        "sp_shard_with_padding": lambda: sp_shard_with_padding(x, 1)
+    }
+    if not peer:
+        fns["one chunk"] = least
+        return interleaved(fns, repeats)
+    module = vllm_omni_sp_sharding()
+    if module is None:
+        return {}
+    fns["vllm-omni"] = lambda: module.sp_shard_with_padding(x, 1)
     return interleaved(fns, repeats)
 
 
