@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy sp_common backend_torch backend_jax
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -123,8 +123,8 @@ def apply_plan(
                     arguments[key] = run.shard("", spec, arguments[key])
                 call = inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
                 out = fn(*call.args, **call.kwargs)
-                for spec in gathers:
-                    out = _gather_output(run, spec, out)
+                for gather in gathers:
+                    out = _gather_output(run, gather, out)
             except BaseException:
                 end_run(outer, check=False)
                 raise

@@ -209,18 +209,18 @@ def _shard_hook(path: str, module: torch.nn.Module, specs: list[ShardInput]) -> 
         run = active_run()
         if run is None:
             raise PlanError(f"{path}: a planned submodule ran outside its model's forward pass.")
-        args, kwargs = list(args), dict(kwargs)
+        new_args, new_kwargs = list(args), dict(kwargs)
         for spec, keyword, position in where:
-            if position is not None and position < len(args):
-                args[position] = run.shard(path, spec, args[position], grad_rule="local")
-            elif keyword is not None and keyword in kwargs:
-                kwargs[keyword] = run.shard(path, spec, kwargs[keyword], grad_rule="local")
+            if position is not None and position < len(new_args):
+                new_args[position] = run.shard(path, spec, new_args[position], grad_rule="local")
+            elif keyword is not None and keyword in new_kwargs:
+                new_kwargs[keyword] = run.shard(path, spec, new_kwargs[keyword], grad_rule="local")
             else:
                 raise PlanError(
                     f"{path or '<model>'} input {spec.arg!r}: the plan shards it, but the call "
                     f"did not pass it ({len(args)} positional, keywords {sorted(kwargs)})."
                 )
-        return tuple(args), kwargs
+        return tuple(new_args), new_kwargs
 
     return hook
 

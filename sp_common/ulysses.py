@@ -19,12 +19,13 @@ def _check_seq_len(func: str, seq_len: object, upper: int | None) -> int:
             f"{func}: seq_len must be an int, got {seq_len!r} of type {type(seq_len).__name__}; "
             "pass the sequence length before padding."
         )
-    if seq_len < 1 or (upper is not None and seq_len > upper):
+    length = int(seq_len)
+    if length < 1 or (upper is not None and length > upper):
         bound = "at least 1" if upper is None else f"in [1, {upper}] (the padded length)"
         raise ValueError(
-            f"{func}: seq_len={seq_len} must be {bound}; pass the sequence length before padding."
+            f"{func}: seq_len={length} must be {bound}; pass the sequence length before padding."
         )
-    return int(seq_len)
+    return length
 
 
 def sp_padding_mask(like: Any, seq_len: int, *, local: bool = True, group: Any = None) -> Any:
