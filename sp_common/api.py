@@ -190,13 +190,14 @@ def sp_shard_with_padding(
             backend.check_shard_rule(func, tensor, g, rule)
     except LOCAL_ERRORS as e:
         if n > 1:
-            passed = {"dim": dim, "grad_rule": grad_rule}
+            passed = {"dim": dim, "pad_value": pad_value, "grad_rule": grad_rule}
             backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
         raise
     if n == 1:
         return tensor, 0
     p = pad_size_for(shape[d], n)
-    backend.check_consistent(func, g, {"tensor": tensor}, {"dim": d, "grad_rule": rule})
+    agreed = {"dim": d, "pad_value": fill, "grad_rule": rule}
+    backend.check_consistent(func, g, {"tensor": tensor}, agreed)
     if not p:
         return backend.shard(tensor, d, g, rule), 0
     # Only this rank's padded chunk is built (the JAX backend pads, then slices: XLA fuses it).

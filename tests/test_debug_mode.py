@@ -132,6 +132,12 @@ MISMATCHES = [
         ("pad_value=300 cannot be held by dtype torch.uint8", ONLY_RANK_1),
     ),
     Mismatch(
+        "ranks pad with different values",
+        "sp_shard_with_padding",
+        ((T((2, 5)), 1, 0.0), (T((2, 5)), 1, -1.0)),
+        ("pad_value=0.0", "pad_value=-1.0"),
+    ),
+    Mismatch(
         "ranks pass different dims",
         "sp_shard_with_padding",
         ((T((3, 3)), 0), (T((3, 3)), 1)),
