@@ -3,7 +3,8 @@
 A snippet runs in a fresh interpreter (``python``), or under ``torchrun --nproc_per_node=N`` on
 gloo, as the ``<!-- readme-test: ... -->`` line just above it says; several runs are separated
 by ``;``. ``setup=NAME`` prepends ``SETUPS[NAME]``: the names a fragment uses but does not define
-(a model, its inputs), never code that changes what the snippet does. ``skip: reason`` marks a
+(a model, its inputs), never code that changes what the snippet does; under torchrun the
+process group is destroyed at the end if the snippet left it. ``skip: reason`` marks a
 snippet that needs what no test machine has (two hosts); the reason names the test that runs the
 same code instead. A snippet with no line runs once with ``python``. It passes when the process
 exits 0: the snippets assert their own results.
@@ -53,6 +54,13 @@ SETUPS = {
 }
 
 
+TEARDOWN = (
+    "\nimport torch.distributed as _dist\n"
+    "if _dist.is_initialized():\n"
+    "    _dist.destroy_process_group()\n"
+)
+
+
 @dataclass(frozen=True)
 class Snippet:
     line: int  # of the opening fence
@@ -95,6 +103,9 @@ def test_the_readme_snippet_runs_as_written(snippet: Snippet, run: str, tmp_path
     script.write_text((SETUPS[setup[1]] if setup else "") + snippet.code)
     launcher = re.search(r"torchrun=(\d+)", run)
     if launcher:
+        # A gloo group left for interpreter exit to tear down sometimes aborts the process
+        # ("terminate called without an active exception"): end it, as a training script does.
+        script.write_text(script.read_text() + TEARDOWN)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += [f"--nproc_per_node={launcher[1]}", str(script)]
     else:
