@@ -28,6 +28,8 @@ demo: $(STAMP)
 
 # Ratios against the raw collectives on 4 gloo ranks / 4 JAX CPU devices (not part of `make test`).
 bench: $(STAMP)
+	# The peer for the padding row: its sp_sharding module alone (imports shimmed in peers.py).
+	$(PY) -m pip install -q --no-deps vllm-omni==0.30.0
 	$(PY) benchmarks/run.py
 
 # On GPU machines (not part of `make test`): tests/test_gpu.py on NCCL ranks and a JAX GPU mesh,
