@@ -30,8 +30,6 @@ from .jax_mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(120)
 
-# Bugs found by this table; each case marked with one fails today (xfail strict=True).
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -47,7 +45,6 @@ class Case:
     names: tuple[str, ...] = ()
     worlds: tuple[int, ...] = (1, 2)
     backends: tuple[str, ...] = ("torch", "jax")
-    bugs: dict[str, str] = dataclasses.field(default_factory=dict)  # backend ("*": all) -> bug
 
     def function_names(self) -> tuple[str, ...]:
         return self.names or (self.call.split(" ")[0],)
@@ -682,10 +679,8 @@ def params() -> list[Any]:
     for case in CASES:
         for backend in case.backends:
             for n in case.worlds:
-                bug = case.bugs.get(backend, case.bugs.get("*"))
-                marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
                 label = f"{backend}-n{n}-{case.call.split(' ')[0]}-{case.label}"
-                out.append(pytest.param(case, backend, n, id=label, marks=marks))
+                out.append(pytest.param(case, backend, n, id=label))
     return out
 
 
