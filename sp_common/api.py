@@ -175,7 +175,8 @@ def sp_shard_with_padding(
     padding when ``S < N``.
 
     ``pad_value`` is cast to the tensor's dtype; a value the dtype cannot hold (1.5 or NaN for an
-    integer dtype, 300 for uint8, 1e6 for float16) raises ValueError. Undo the padding with
+    integer dtype, 300 for uint8, 1e6 for float16, inf for float8_e4m3fn, 0.0 for
+    float8_e8m0fnu) raises ValueError; any NaN pads the dtype's canonical NaN. Undo the padding with
     ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`. ``grad_rule`` as in
     :func:`sp_shard`.
     """

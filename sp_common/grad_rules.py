@@ -54,7 +54,7 @@ def per_rank_terms(framework: str) -> bool:
 
 _IN_PLAN = (
     "inside the forward pass of a torch module with an applied SPPlan, where every rank's "
-    "gradient is its own term of the loss (the plan and backend_torch.plan.all_reduce_grads sum "
+    "gradient is its own term of the loss (the plan and sp_common.all_reduce_grads sum "
     "them); leave grad_rule out there"
 )
 
