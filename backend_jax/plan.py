@@ -147,4 +147,6 @@ def _gather_output(run: PlanRun, spec: GatherOutput, out: Any) -> Any:
         )
     items = list(out)
     items[spec.index] = run.gather("", spec, items[spec.index])
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple takes fields
+        return type(out)(*items)
     return type(out)(items)

@@ -42,8 +42,10 @@ _APPLIED: weakref.WeakKeyDictionary[torch.nn.Module, AppliedPlan] = weakref.Weak
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """Forward: the sum of ``x`` over the group (a new tensor). Backward: the same sum of the
-    gradient (per-rank terms in, per-rank terms out)."""
+    """Forward: the sum of the per-rank terms ``x`` over the group, the whole value on every
+    rank. Backward: the gradient unchanged: every rank computes the same loss from the whole
+    value, so each term's gradient is that gradient (summing it again would count it N times,
+    as a second backward through a planned model's input gradient did)."""
 
     @staticmethod
     def forward(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -57,7 +59,7 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _SumOverRanks.apply(grad, ctx.group), None
+        return grad, None
 
 
 class _SumGradient(torch.autograd.Function):
@@ -271,10 +273,44 @@ def _gather_hook(path: str, specs: list[GatherOutput]) -> Any:
             items[spec.index] = run.gather(
                 path, spec, items[spec.index], grad_rule="reduce_scatter"
             )
-            output = type(output)(items)
+            output = _rebuilt(output, items)
         return output
 
     return hook
+
+
+def _rebuilt(output: tuple | list, items: list[Any]) -> Any:
+    """``output``'s type holding ``items`` (a namedtuple takes them as fields)."""
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return type(output)(*items)
+    return type(output)(items)
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _hidden_tensors(func: str, what: str, tree: Any) -> None:
+    """Raise PlanError when ``tree`` holds tensors that require grad inside containers
+    ``torch.utils._pytree`` does not know (an unregistered dataclass, Mapping subclass or
+    object): the plan could not give them their gradient rule, and their gradients would be
+    wrong by a factor of N, silently."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, (torch.Tensor, *_PLAIN)):
+            continue
+        if isinstance(leaf, Mapping):
+            inner: Any = leaf.values()
+        elif isinstance(leaf, (list, tuple, set)):
+            inner = leaf
+        else:
+            inner = vars(leaf).values() if hasattr(leaf, "__dict__") else ()
+        if any(isinstance(v, torch.Tensor) and v.requires_grad for v in inner):
+            raise PlanError(
+                f"{func}: {what} holds tensors that require grad inside a "
+                f"{type(leaf).__module__}.{type(leaf).__qualname__}, which "
+                "torch.utils._pytree cannot see into, so the plan cannot give them their "
+                "gradient rule; register the type (torch.utils._pytree.register_dataclass or "
+                "register_pytree_node), or pass them in tuples, lists or dicts."
+            )
 
 
 def _sp_group_of(like: torch.Tensor) -> tuple[dist.ProcessGroup | None, int, int]:
@@ -304,6 +340,8 @@ def _boundary_hooks(applied: AppliedPlan) -> tuple[Any, Any]:
         group, n, _ = (None, 1, 0) if like is None else _sp_group_of(like)
         sync = n > 1 and torch.is_grad_enabled()
         if sync:
+            if not torch.compiler.is_compiling():
+                _hidden_tensors("apply_plan", "an input of the planned model", (args, kwargs))
             args, kwargs = pytree.tree_map_only(
                 torch.Tensor,
                 lambda t: _SumGradient.apply(t, group) if t.requires_grad else t,
@@ -324,6 +362,8 @@ def _boundary_hooks(applied: AppliedPlan) -> tuple[Any, Any]:
         end_run(previous, check=output is not None)
         if output is None or not sync:
             return None
+        if not torch.compiler.is_compiling():
+            _hidden_tensors("apply_plan", "the planned model's output", output)
         like = _first_tensor(output)
         _, _, rank = (None, 1, 0) if like is None else _sp_group_of(like)
         return pytree.tree_map_only(
@@ -461,8 +501,27 @@ def all_reduce_grads(model: torch.nn.Module, group: Any = None) -> None:
     _, g, n = resolve("all_reduce_grads", ordered[0], group)
     if n == 1:
         return
+    summed_before = [getattr(p.grad, _SUMMED_AT, None) for p in ordered]
+    changed = [
+        name
+        for name, p, version in zip(
+            params_names(model, ordered), ordered, summed_before, strict=True
+        )
+        if version is not None and p.grad is not None and p.grad._version != version
+    ]
+    if changed:
+        raise PlanError(
+            f"all_reduce_grads: the gradients of {changed[:5]} were summed by an earlier "
+            "all_reduce_grads and have changed since (another backward() accumulated per-rank "
+            "terms into them, or they were zeroed in place), so summing again would count the "
+            "earlier part N times. With gradient accumulation call all_reduce_grads once, after "
+            "the last backward() before the optimizer step, and zero the gradients with "
+            "zero_grad() (set_to_none=True, the default) after the step."
+        )
     device = ordered[0].device
-    present = torch.tensor([p.grad is not None for p in ordered], dtype=torch.int32, device=device)
+    # 1: a gradient to sum; 0: none (or already summed and unchanged: a repeated call is a no-op)
+    todo = [p.grad is not None and v is None for p, v in zip(ordered, summed_before, strict=True)]
+    present = torch.tensor(todo, dtype=torch.int32, device=device)
     dist.all_reduce(present, group=g)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p, count in zip(ordered, present.tolist(), strict=True):
@@ -485,3 +544,13 @@ def all_reduce_grads(model: torch.nn.Module, group: Any = None) -> None:
                 p.grad = summed.clone()
             else:
                 p.grad.copy_(summed)
+            setattr(p.grad, _SUMMED_AT, p.grad._version)
+
+
+# Set on a gradient tensor by all_reduce_grads: its version counter right after the sum.
+_SUMMED_AT = "_sp_summed_at_version"
+
+
+def params_names(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p), "?") for p in params]

@@ -232,3 +232,97 @@ def validator_padding(x: np.ndarray) -> dict[str, tuple[int, ...]]:
         late = v.shard(t, "late", 1, validate_divisible=False)
     after = v.gather(late, "late", 1)
     return {"nested": tuple(nested.shape), "after": tuple(after.shape)}
+
+
+def accumulation_and_double_backward(x: np.ndarray, t: np.ndarray, w: np.ndarray) -> dict[str, Any]:
+    """Gradient accumulation over two steps (one all_reduce_grads at the end; a second call is a
+    no-op; a call after each step raises) and a second backward through the planned model's
+    input gradient, against the unsharded runs."""
+    model = _seeded_net(False)
+
+    def two_steps(planned: bool) -> dict[str, np.ndarray]:
+        model.zero_grad()
+        for scale in (1.0, 0.5):
+            out = model(to_torch(x), to_torch(t))
+            (out * to_torch(w) * scale).sum().backward()
+        if planned:
+            sp.all_reduce_grads(model)
+            sp.all_reduce_grads(model)  # unchanged since: a no-op
+        return {n: to_numpy(p.grad) for n, p in model.named_parameters()}
+
+    def second_order(planned: bool) -> dict[str, np.ndarray]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        model.zero_grad()
+        xt = to_torch(x).requires_grad_()
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
+            loss = (model(xt, to_torch(t)) * to_torch(w)).sum()
+            (gx,) = torch.autograd.grad(loss, xt, create_graph=True)
+            (gx**2).sum().backward()
+        if planned:
+            sp.all_reduce_grads(model)
+        grads = {n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        return {"gx": to_numpy(gx), **grads}
+
+    with sp.sp_group(_single_rank_group()):
+        expected = {"two steps": two_steps(False), "second order": second_order(False)}
+    with sp.apply_plan(model, PLAN):
+        got = {"two steps": two_steps(True), "second order": second_order(True)}
+        model.zero_grad()
+        for _ in range(2):
+            (model(to_torch(x), to_torch(t)) * to_torch(w)).sum().backward()
+            try:
+                sp.all_reduce_grads(model)
+                error = "no error"
+            except sp.PlanError as e:
+                error = str(e)
+    return {"expected": expected, "got": got, "sync after each step": error}
+
+
+def containers(x: np.ndarray) -> dict[str, Any]:
+    """Outputs and inputs the plan can and cannot see into."""
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        sample: torch.Tensor
+
+    Pair = collections.namedtuple("Pair", ["main", "aux"])
+
+    class Inner(nn.Module):
+        def forward(self, h: torch.Tensor) -> Any:
+            return Pair(h * 2, h.sum())
+
+    class Net2(nn.Module):
+        def __init__(self, wrap: bool) -> None:
+            super().__init__()
+            self.lin, self.inner, self.wrap = nn.Linear(4, 4), Inner(), wrap
+
+        def forward(self, h: torch.Tensor, extra: Any = None) -> Any:
+            y = self.inner(self.lin(h)).main
+            return Out(y) if self.wrap else y
+
+    plan = SPPlan({"inner": (ShardInput("h", dim=1, pad=True), GatherOutput(dim=1, index=0))})
+    found: dict[str, Any] = {}
+    for key, wrap, extra in (("namedtuple", False, None), ("dataclass output", True, None)):
+        model = Net2(wrap)
+        with sp.apply_plan(model, plan):
+            try:
+                out = model(to_torch(x).requires_grad_(), extra)
+                found[key] = to_numpy(out if isinstance(out, torch.Tensor) else out.sample)
+            except sp.PlanError as e:
+                found[key] = str(e)
+
+    @dataclasses.dataclass
+    class In:
+        c: torch.Tensor
+
+    model = Net2(False)
+    with sp.apply_plan(model, plan):
+        try:
+            model(to_torch(x), In(torch.ones(2, requires_grad=True)))
+            found["dataclass input"] = "no error"
+        except sp.PlanError as e:
+            found["dataclass input"] = str(e)
+    return found

@@ -169,3 +169,28 @@ def test_a_jax_plan_position_must_name_a_parameter_not_star_args() -> None:
     plan = SPPlan({"": (ShardInput(0, dim=1), GatherOutput(dim=1))})
     with pytest.raises(sp.PlanError, match=r"no named parameter at position 0.*\*args"):
         sp.apply_plan(f, plan, mesh=mesh_of(2))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_gradient_accumulation_and_a_second_backward_through_a_plan_are_exact(
+    n, torch_ranks
+) -> None:
+    """Found by review: a sync after each accumulation step gave 2*g1 + g2, and a second
+    backward through the input gradient gave 2x (Nx) parameter gradients."""
+    x, t, w = rand((2, 10, 4), 11), rand((2, 1, 3), 12), rand((2, 10, 4), 13)
+    for rank, r in enumerate(torch_ranks(n).run(tasks.accumulation_and_double_backward, x, t, w)):
+        for part, expected in r["expected"].items():
+            assert set(r["got"][part]) == set(expected), part
+            for name, value in expected.items():
+                got = r["got"][part][name]
+                assert_close(got, value, f"n={n} rank {rank} {part} {name}")
+        assert "were summed by an earlier all_reduce_grads" in r["sync after each step"]
+
+
+def test_containers_the_plan_cannot_see_into_raise_and_namedtuples_work(torch_ranks) -> None:
+    """Found by review: a dataclass output or input silently got N-times gradients."""
+    x = rand((2, 5, 4), 14)
+    for r in torch_ranks(2).run(tasks.containers, x):
+        assert r["namedtuple"].shape == (2, 5, 4)
+        assert "cannot see into" in r["dataclass output"] and "Out" in r["dataclass output"]
+        assert "an input of the planned model" in r["dataclass input"]
