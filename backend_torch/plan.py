@@ -470,10 +470,16 @@ def all_reduce_grads(model: torch.nn.Module, group: Any = None) -> None:
     the parameter count. ``group`` as in ``sp_shard`` (default: the active ``sp_group``, else
     the default group).
 
+    With gradient accumulation call it once, after the last ``backward()`` of the step: a
+    second call with nothing new since is a no-op.
+
     Raises:
         PlanError: no module of ``model`` has an applied plan (without a plan, the ops' default
-            gradient rules already give whole gradients), or a planned module shares a parameter
-            with a part of ``model`` outside it (its gradient would mix the two conventions).
+            gradient rules already give whole gradients); a planned module shares a parameter
+            with a part of ``model`` outside it (its gradient would mix the two conventions);
+            or a gradient this function already summed has changed since (another
+            ``backward()`` accumulated into it, or it was zeroed in place: summing again would
+            count the earlier part N times).
     """
     planned = [m for m in model.modules() if m in _APPLIED]
     if not planned:
@@ -505,7 +511,7 @@ def all_reduce_grads(model: torch.nn.Module, group: Any = None) -> None:
     changed = [
         name
         for name, p, version in zip(
-            params_names(model, ordered), ordered, summed_before, strict=True
+            _param_names(model, ordered), ordered, summed_before, strict=True
         )
         if version is not None and p.grad is not None and p.grad._version != version
     ]
@@ -551,6 +557,6 @@ def all_reduce_grads(model: torch.nn.Module, group: Any = None) -> None:
 _SUMMED_AT = "_sp_summed_at_version"
 
 
-def params_names(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:
+def _param_names(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     return [names.get(id(p), "?") for p in params]
