@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	# Pinned: this takes the local CPU wheel; an unpinned torch pulls GBs of CUDA packages.
 	# jax[cpu] pins the CPU jaxlib (the package extra stays plain jax for GPU users).
 	$(PY) -m pip install -q torch==2.13.0 "jax[cpu]>=0.10"
-	$(PY) -m pip install -q -e ".[torch,jax,test,dev,plot]"
+	$(PY) -m pip install -q -e ".[torch,jax,testing,compare,examples,test,dev]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) -m examples.demo
 	mkdir -p out
 	$(PY) -m sp_common --world-size 4 --seq-lens 256,512,1024,2048 \
 		--json out/compare.json --plot out/compare.png
@@ -30,7 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	# The peer for the padding row: its sp_sharding module alone (imports shimmed in peers.py).
 	$(PY) -m pip install -q --no-deps vllm-omni==0.30.0
-	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks.run
 
 # On GPU machines (not part of `make test`): tests/test_gpu.py on NCCL ranks and a JAX GPU mesh,
 # then sp-compare on N GPUs. It needs CUDA builds of torch and/or jax, which the CPU-only .venv

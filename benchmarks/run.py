@@ -28,7 +28,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 import numpy as np  # noqa: E402
 import torch_bench  # noqa: E402
 
-from sp_common.compare_torch import RankPool  # noqa: E402
+from sp_common.testing import RankPool  # noqa: E402
 
 Timings = dict[str, list[float]]
 

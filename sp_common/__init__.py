@@ -4,6 +4,7 @@
 """
 
 from .api import sp_gather, sp_rank, sp_shard, sp_shard_with_padding, sp_unpad, sp_world_size
+from .attention import sp_padding_mask, sp_ulysses_attention
 from .debug import sp_debug
 from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
@@ -18,7 +19,6 @@ from .plan import (
     planned_seq_len,
 )
 from .strict import sp_strict
-from .ulysses import sp_padding_mask, sp_ulysses_attention
 from .validator import ShardingValidator, get_sharding_validator
 
 __all__ = [

@@ -1,8 +1,8 @@
-"""``python -m sp_common``: the ``sp-compare`` tool (see :mod:`sp_common.compare`)."""
+"""``python -m sp_common``: the ``sp-compare`` tool (see :mod:`sp_common.compare.cli`)."""
 
 import sys
 
-from .compare import main
+from .compare.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

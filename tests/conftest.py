@@ -13,17 +13,25 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from .torch_ranks import TorchRanks
+from sp_common.testing import RankPool
+
+# gloo's own timeout: a rank left alone in a collective raises after this many seconds.
+COLLECTIVE_TIMEOUT_S = 30
+# A call that takes longer than this fails (its ranks are replaced for the next test).
+CALL_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="session")
-def torch_ranks() -> Iterator[Callable[[int], TorchRanks]]:
-    """``torch_ranks(n)``: a pool of n gloo ranks, started on first use and kept for the session."""
-    pools: dict[int, TorchRanks] = {}
+def torch_ranks() -> Iterator[Callable[[int], RankPool]]:
+    """``torch_ranks(n)``: a pool of n gloo ranks, started on first use and kept for the session
+    (a pool whose ranks hung is restarted on its next call)."""
+    pools: dict[int, RankPool] = {}
 
-    def get(n: int) -> TorchRanks:
+    def get(n: int) -> RankPool:
         if n not in pools:
-            pools[n] = TorchRanks(n)
+            pools[n] = RankPool(
+                n, collective_timeout_s=COLLECTIVE_TIMEOUT_S, call_timeout_s=CALL_TIMEOUT_S
+            )
         return pools[n]
 
     yield get

@@ -26,7 +26,7 @@ from . import bad_input_tasks as tasks
 from . import reference as ref
 from .bad_input_tasks import Foreign, Module
 from .bad_input_tasks import Tensor as T
-from .jax_mesh import mesh_of, sharded, spec_on
+from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(120)
 

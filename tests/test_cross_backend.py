@@ -13,7 +13,7 @@ import sp_common as sp
 
 from . import reference as ref
 from . import torch_tasks
-from .jax_mesh import run_sharded, spec_on
+from sp_common.testing.mesh import run_sharded, spec_on
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from . import dead_rank_tasks
-from .torch_ranks import free_port
+from sp_common.testing import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,7 +3,7 @@ promptly, also when the disagreement fails a local check on some ranks only; ran
 run as without debug mode; without debug mode no extra collective runs.
 
 Every call below runs under a deadline shorter than gloo's own collective timeout
-(``torch_ranks.COLLECTIVE_TIMEOUT_S``), so a rank left waiting in a collective fails the test
+(``conftest.COLLECTIVE_TIMEOUT_S``), so a rank left waiting in a collective fails the test
 instead of slowing it down.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from . import debug_tasks
 from .bad_input_tasks import Tensor as T
-from .torch_ranks import COLLECTIVE_TIMEOUT_S
+from .conftest import COLLECTIVE_TIMEOUT_S
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ import sp_common as sp
 from sp_common import GatherOutput, ShardInput, SPPlan
 
 from . import exactness_tasks as tasks
-from .jax_mesh import mesh_of
+from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(300)
 RTOL, ATOL = 1e-5, 1e-6

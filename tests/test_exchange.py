@@ -13,7 +13,7 @@ import sp_common as sp
 
 from . import reference as ref
 from . import torch_tasks
-from .jax_mesh import mesh_of, sharded
+from sp_common.testing.mesh import mesh_of, sharded
 
 pytestmark = pytest.mark.timeout(240)
 

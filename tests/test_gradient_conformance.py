@@ -19,7 +19,7 @@ import sp_common as sp
 from . import conformance_tasks
 from . import reference as ref
 from .conformance_programs import ROWS, Row
-from .jax_mesh import mesh_of
+from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(240)
 RTOL, ATOL = 2e-5, 1e-5

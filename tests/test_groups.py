@@ -26,7 +26,7 @@ from backend_jax.plan import apply_plan as jax_apply_plan
 
 from . import group_tasks
 from . import reference as ref
-from .jax_mesh import mesh_of
+from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(300)
 

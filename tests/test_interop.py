@@ -15,7 +15,7 @@ import torch
 
 from sp_common.interop import jax_to_torch, torch_to_jax
 
-from .jax_mesh import mesh_of
+from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(120)
 

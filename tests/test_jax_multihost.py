@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .torch_ranks import free_port
+from sp_common.testing import free_port
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,7 +18,7 @@ from sp_common.plan import GatherOutput, PlanError, ShardInput, SPPlan
 
 from . import plan_tasks
 from . import reference as ref
-from .jax_mesh import mesh_of
+from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(300)
 RTOL, ATOL = 1e-4, 1e-5

@@ -22,7 +22,7 @@ from sp_common.shapes import (
 
 from . import reference as ref
 from . import torch_tasks
-from .jax_mesh import run_sharded, spec_on
+from sp_common.testing.mesh import run_sharded, spec_on
 
 pytestmark = pytest.mark.timeout(300)
 FAST = settings(max_examples=200, deadline=None)

@@ -14,7 +14,7 @@ import torch
 
 import sp_common as sp
 
-from .jax_mesh import run_sharded, spec_on
+from sp_common.testing.mesh import run_sharded, spec_on
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ import sp_common as sp
 
 from . import reference as ref
 from . import torch_tasks
-from .jax_mesh import mesh_of, sharded, spec_on
+from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(300)
 B, H, D = 2, 8, 4

@@ -30,7 +30,7 @@ from backend_torch.collectives import _as_bytes, _movable
 
 from . import reference as ref
 from . import valid_input_tasks as tasks
-from .jax_mesh import mesh_of, sharded, spec_on
+from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(180)
 

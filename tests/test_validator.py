@@ -12,7 +12,7 @@ import torch
 
 import sp_common as sp
 
-from .jax_mesh import run_sharded
+from sp_common.testing.mesh import run_sharded
 
 pytestmark = pytest.mark.timeout(60)
 

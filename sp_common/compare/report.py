@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .compare_cases import Case, check_description, result_bytes
+from .cases import Case, check_description, result_bytes
 
 BACKEND_ORDER = ("torch", "jax")
 
@@ -48,8 +46,10 @@ class Row:
     def stats(self) -> Stats | None:
         if not self.times:
             return None
-        p25, p75 = np.percentile(self.times, [25, 75])
-        return Stats(statistics.median(self.times), float(p25), float(p75))
+        if len(self.times) == 1:
+            return Stats(self.times[0], self.times[0], self.times[0])
+        p25, _, p75 = statistics.quantiles(self.times, n=4, method="inclusive")
+        return Stats(statistics.median(self.times), p25, p75)
 
     @property
     def status(self) -> str:
@@ -95,13 +95,9 @@ def table(rows: Sequence[Row]) -> str:
             timing = [format_time(stats.median), format_time(stats.iqr), f"{r.gbps(stats):.2f}"]
         ratio_text = "-" if ratio is None else f"{ratio:.2f}"
         lines.append([r.case.op, r.backend, r.case.label, r.status, *timing, ratio_text])
-    widths = [max(len(x[i]) for x in [headers, *lines]) for i in range(len(headers))]
-    out = []
-    for i, line in enumerate([headers, *lines]):
-        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    from ..testing.tables import format_table
+
+    return format_table(headers, lines)
 
 
 def footnotes(rows: Sequence[Row]) -> list[str]:

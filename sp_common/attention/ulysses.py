@@ -5,10 +5,10 @@ from __future__ import annotations
 import numbers
 from typing import Any, TypeVar
 
-from .api import LOCAL_ERRORS, check_flag, resolve, sp_shard
-from .backend import Backend, backend_for
-from .plan import active_run
-from .shapes import pad_size_for
+from ..api import LOCAL_ERRORS, check_flag, resolve, sp_shard
+from ..backend import Backend, backend_for
+from ..plan import active_run
+from ..shapes import pad_size_for
 
 T = TypeVar("T")
 

@@ -8,22 +8,15 @@ imports no framework.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from .compare_cases import (
-    Case,
-    check,
-    expected_outputs,
-    global_inputs,
-    input_layouts,
-    op_function,
-    output_layouts,
-    raised,
-)
+from ..testing.data import to_numpy
+from ..testing.timing import interleaved, jax_fences
+from .cases import Case, op_function, raised
+from .checks import check, expected_outputs, global_inputs, input_layouts, output_layouts
 
 AXIS = "sp"
 
@@ -42,21 +35,6 @@ def _spec(layout: int | None) -> Any:
     from jax.sharding import PartitionSpec as P
 
     return P() if layout is None else P(*([None] * layout), AXIS)
-
-
-def to_jax(a: np.ndarray, dtype: str) -> Any:
-    """A numpy array (bfloat16 as uint16 bits) as a host array of ``dtype``, bit for bit."""
-    if dtype == "bfloat16":
-        import ml_dtypes  # a dependency of jax
-
-        return a.view(ml_dtypes.bfloat16)
-    return a
-
-
-def from_jax(a: Any, dtype: str) -> np.ndarray:
-    """One device's data as numpy (bfloat16 as uint16 bits)."""
-    out = np.asarray(a)
-    return out.view(np.uint16) if dtype == "bfloat16" else out
 
 
 def compiled_case(
@@ -80,8 +58,7 @@ def compiled_case(
     in_specs = tuple(_spec(d) for d in in_layouts)
     mapped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
     inputs = [
-        jax.device_put(to_jax(a, case.dtype), NamedSharding(mesh, spec))
-        for a, spec in zip(full, in_specs, strict=True)
+        jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(full, in_specs, strict=True)
     ]
     return mapped, inputs
 
@@ -92,7 +69,7 @@ def per_device(outputs: tuple[Any, ...], case: Case, mesh_devices: list[Any]) ->
     result: list[list[Any]] = [[None] * len(outputs) for _ in mesh_devices]
     for i, (out, layout) in enumerate(zip(outputs, output_layouts(case), strict=True)):
         for shard in out.addressable_shards:
-            data = from_jax(shard.data, case.dtype)
+            data = to_numpy(shard.data)
             result[order[shard.device]][i] = data if layout is not None else data[0]
     return result
 
@@ -117,14 +94,8 @@ def run_case(case: Case, mesh_devices: list[Any]) -> tuple[bool, str, list[float
             if not ok:
                 details.append(f"device {r}: {detail}")
         del outputs, full
-        for _ in range(case.warmup):
-            jax.block_until_ready(fn(*inputs))
-        times = []
-        for _ in range(case.repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs))
-            times.append(time.perf_counter() - start)
-    return not details, "; ".join(details), times
+        times = interleaved({"op": lambda: fn(*inputs)}, case.repeats, case.warmup, jax_fences())
+    return not details, "; ".join(details), times["op"]
 
 
 def run_cases(

@@ -23,13 +23,12 @@ import importlib.util
 import os
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TextIO
 
-from .compare_cases import (
+from .cases import (
     DTYPES,
     FLOAT_DTYPES,
     OP_DESCRIPTIONS,
@@ -39,7 +38,7 @@ from .compare_cases import (
     Case,
     scatter_dim_for,
 )
-from .compare_report import Row, footnotes, record, table, write_json, write_plot
+from .report import Row, footnotes, record, table, write_json, write_plot
 
 BACKENDS = ("torch", "jax")
 PROG = "sp-compare"
@@ -218,10 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         raise CompareError(
             f"--json {a.json} and --plot {a.plot} name the same file; give each its own file"
         )
-    if a.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise CompareError(
-            "--plot needs matplotlib, which is not installed; pip install 'sp-sharding[plot]'"
-        )
+    _require_extra()
     return Settings(
         backends=_names(a.backends, "--backends", BACKENDS),
         world_size=a.world_size,
@@ -325,6 +321,19 @@ def plan(s: Settings) -> tuple[list[Case], list[str]]:
 # ------------------------------------------------------------------------------------- devices
 
 
+EXTRA = ("numpy", "ml_dtypes", "tqdm", "tabulate", "matplotlib")
+
+
+def _require_extra() -> None:
+    """CompareError naming what to install when the ``compare`` extra is missing (checked
+    after the arguments, so ``--help`` and argument errors work without it)."""
+    missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CompareError(
+            f"{PROG} needs {', '.join(missing)} (not installed); pip install 'sp-sharding[compare]'"
+        )
+
+
 def _require(framework: str) -> None:
     if importlib.util.find_spec(framework) is None:
         raise CompareError(
@@ -343,7 +352,7 @@ def torch_device(s: Settings) -> str:
     _require("torch")
     if s.device == "cpu":
         return "cpu"
-    from .compare_torch import cuda_device_count
+    from ..testing.ranks import cuda_device_count
 
     gpus = cuda_device_count()
     if gpus >= s.world_size:
@@ -364,7 +373,7 @@ def jax_devices(s: Settings) -> list[Any]:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
         # JAX would take 75% of every GPU up front, starving the torch ranks on the same GPUs.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from .compare_jax import devices
+    from .run_jax import devices
 
     if s.device != "cpu":
         gpus = devices("gpu")
@@ -415,29 +424,22 @@ def environment(placement: dict[str, str]) -> dict[str, Any]:
 
 
 class Progress:
-    """A progress bar on stderr, drawn once the run has taken more than ``after_s`` seconds:
-    redrawn in place on a terminal, one line per step otherwise."""
+    """A tqdm progress bar on ``stream``, drawn once the run has taken more than ``after_s``
+    seconds; the step just finished is its postfix."""
 
     def __init__(self, total: int, after_s: float = 3.0, stream: TextIO = sys.stderr) -> None:
-        self.total, self.after_s, self.stream = total, after_s, stream
-        self.done, self.start, self.drawn = 0, time.monotonic(), False
-        self.tty = stream.isatty()
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total, delay=after_s, mininterval=0, file=stream, unit="case", leave=False
+        )
 
     def step(self, backend: str, case: Case) -> None:
-        self.done += 1
-        elapsed = time.monotonic() - self.start
-        if elapsed < self.after_s:
-            return
-        filled = 30 * self.done // self.total
-        bar = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
-        line = f"{bar} {backend} {case.op} {case.label} ({elapsed:.0f} s)"
-        self.stream.write(f"\r{line:<100}" if self.tty else f"{line}\n")
-        self.stream.flush()
-        self.drawn = True
+        self.bar.set_postfix_str(f"{backend} {case.op} {case.label}", refresh=False)
+        self.bar.update(1)
 
     def close(self) -> None:
-        if self.drawn and self.tty:
-            self.stream.write("\n")
+        self.bar.close()
 
 
 class Placement(NamedTuple):
@@ -471,13 +473,13 @@ def run(s: Settings, cases: list[Case], jobs: list[Placement]) -> list[Row]:
         for job in jobs:
             backend = job.backend
             if backend == "torch":
-                from .compare_torch import run_cases as run_torch
+                from .run_torch import run_cases as run_torch
 
                 results = run_torch(
                     cases, s.world_size, job.target, lambda c: progress.step("torch", c)
                 )
             else:
-                from .compare_jax import run_cases as run_jax
+                from .run_jax import run_cases as run_jax
 
                 results = run_jax(cases, job.target, lambda c: progress.step("jax", c))
             for case, ok, detail, times in results:
@@ -502,7 +504,7 @@ def _settings_record(s: Settings) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; 0 when every check passed, 1 when one failed (or a result file could
     not be written after the run), 2 for bad arguments, all reported before any work."""
-    from .compare_torch import RankFailure
+    from ..testing.ranks import RankFailure
 
     try:
         s = parse_args(argv)

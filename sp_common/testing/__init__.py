@@ -1,0 +1,68 @@
+"""Helpers for testing and measuring sequence-parallel code, as ``numpy.testing`` or
+``torch.testing`` are for theirs: one rank pool, seeded data with numpy references, bitwise
+comparison, one timing loop and one table writer. Used by this project's tests, benchmarks,
+examples and ``sp-compare``; numpy and ml_dtypes only (frameworks are imported when used).
+
+- :mod:`.ranks`: :class:`RankPool`, persistent torch ranks with deadlines.
+- :mod:`.data`: :func:`make_data`, the numpy references, :func:`assert_bitwise`, converters.
+- :mod:`.mesh`: JAX meshes and ``jit(shard_map(...))`` over the first n devices.
+- :mod:`.timing`: :func:`interleaved` and :func:`slowest_rank`.
+- :mod:`.tables`: :func:`format_table`.
+"""
+
+from .data import (
+    DTYPES,
+    FLOAT_DTYPES,
+    all_to_all,
+    assert_bitwise,
+    attention,
+    bits,
+    make_data,
+    numpy_dtype,
+    pad_size,
+    padded_shards,
+    reduce_scatter,
+    same_bits,
+    shards,
+    to_jax,
+    to_numpy,
+    to_torch,
+)
+from .mesh import mesh_of, run_sharded, sharded, spec_on
+from .ranks import RankFailure, RankPool, cuda_device_count, free_port
+from .tables import format_table
+from .timing import Fences, Timings, interleaved, jax_fences, slowest_rank, torch_fences
+
+__all__ = [
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "Fences",
+    "RankFailure",
+    "RankPool",
+    "Timings",
+    "all_to_all",
+    "assert_bitwise",
+    "attention",
+    "bits",
+    "cuda_device_count",
+    "format_table",
+    "free_port",
+    "interleaved",
+    "jax_fences",
+    "make_data",
+    "mesh_of",
+    "numpy_dtype",
+    "pad_size",
+    "padded_shards",
+    "reduce_scatter",
+    "run_sharded",
+    "same_bits",
+    "sharded",
+    "shards",
+    "slowest_rank",
+    "spec_on",
+    "to_jax",
+    "to_numpy",
+    "to_torch",
+    "torch_fences",
+]
