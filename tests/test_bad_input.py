@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 import sp_common as sp
+from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 from . import bad_input_tasks as tasks
 from . import reference as ref
 from .bad_input_tasks import Foreign, Module
 from .bad_input_tasks import Tensor as T
-from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sp_common.compare.cli import CompareError, Progress, parse_args, plan
 from sp_common.compare.cases import DTYPES, FLOAT_DTYPES, OPS, ULYSSES_JAX_FAILS, Case
+from sp_common.compare.cli import CompareError, Progress, parse_args, plan
 
 pytestmark = pytest.mark.timeout(180)
 

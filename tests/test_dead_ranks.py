@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from . import dead_rank_tasks
 from sp_common.testing import free_port
+
+from . import dead_rank_tasks
 
 pytestmark = pytest.mark.timeout(120)
 

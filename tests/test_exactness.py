@@ -15,9 +15,9 @@ from jax.sharding import PartitionSpec as P
 
 import sp_common as sp
 from sp_common import GatherOutput, ShardInput, SPPlan
+from sp_common.testing.mesh import mesh_of
 
 from . import exactness_tasks as tasks
-from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(300)
 RTOL, ATOL = 1e-5, 1e-6

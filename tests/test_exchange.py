@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import sp_common as sp
+from sp_common.testing.mesh import mesh_of, sharded
 
 from . import reference as ref
 from . import torch_tasks
-from sp_common.testing.mesh import mesh_of, sharded
 
 pytestmark = pytest.mark.timeout(240)
 

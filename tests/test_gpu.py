@@ -25,10 +25,10 @@ import pytest
 
 import sp_common as sp
 from sp_common.testing import RankPool, cuda_device_count
+from sp_common.testing.mesh import mesh_of, sharded
 
 from . import gpu_tasks
 from . import reference as ref
-from sp_common.testing.mesh import mesh_of, sharded
 from .test_cross_backend import DIMS, check_against_reference, jax_results, scenarios
 from .test_gradients import finite_inputs
 from .test_ulysses import jax_ulysses

@@ -15,11 +15,11 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 import sp_common as sp
+from sp_common.testing.mesh import mesh_of
 
 from . import conformance_tasks
 from . import reference as ref
 from .conformance_programs import ROWS, Row
-from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(240)
 RTOL, ATOL = 2e-5, 1e-5

@@ -23,10 +23,10 @@ import torch
 
 import sp_common as sp
 from backend_jax.plan import apply_plan as jax_apply_plan
+from sp_common.testing.mesh import mesh_of
 
 from . import group_tasks
 from . import reference as ref
-from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(300)
 

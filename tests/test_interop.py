@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from sp_common.interop import jax_to_torch, torch_to_jax
-
 from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,10 +15,10 @@ from backend_torch.plan import apply_plan as torch_apply_plan
 from examples.dit import JAX_PLAN, PATCH, init_params, jax_forward
 from sp_common import sp_gather
 from sp_common.plan import GatherOutput, PlanError, ShardInput, SPPlan
+from sp_common.testing.mesh import mesh_of
 
 from . import plan_tasks
 from . import reference as ref
-from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(300)
 RTOL, ATOL = 1e-4, 1e-5

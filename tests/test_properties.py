@@ -19,10 +19,10 @@ from sp_common.shapes import (
     pad_size_for,
     shard_bounds,
 )
+from sp_common.testing.mesh import run_sharded, spec_on
 
 from . import reference as ref
 from . import torch_tasks
-from sp_common.testing.mesh import run_sharded, spec_on
 
 pytestmark = pytest.mark.timeout(300)
 FAST = settings(max_examples=200, deadline=None)

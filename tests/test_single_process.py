@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import sp_common as sp
-
 from sp_common.testing.mesh import run_sharded, spec_on
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import sp_common as sp
+from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 from . import reference as ref
 from . import torch_tasks
-from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(300)
 B, H, D = 2, 8, 4

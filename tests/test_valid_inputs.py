@@ -27,10 +27,10 @@ import torch
 
 import sp_common as sp
 from backend_torch.collectives import _as_bytes, _movable
+from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 from . import reference as ref
 from . import valid_input_tasks as tasks
-from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import sp_common as sp
-
 from sp_common.testing.mesh import run_sharded
 
 pytestmark = pytest.mark.timeout(60)
