@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -11,7 +12,6 @@ from jax import lax
 from jax._src import core as jax_core
 
 from sp_common.backend import Backend
-from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group
 from sp_common.shapes import DtypeInfo, is_axis_name
 from sp_common.strict import strict_enabled, strict_error
@@ -73,7 +73,7 @@ def check_axis(func: str, group: AxisName, source: str) -> None:
     )
 
 
-class JaxBackend(Backend):
+class JaxBackend(Backend[AxisName]):
     framework = "jax"
 
     def is_tensor(self, x: object) -> bool:
@@ -124,26 +124,12 @@ class JaxBackend(Backend):
     def rank(self, group: AxisName) -> Any:
         return 0 if _unbound(group, bound_axes()) else lax.axis_index(group)
 
-    def shard(self, x: jax.Array, dim: int, group: AxisName, grad_rule: ShardGradRule) -> jax.Array:
-        return autograd.shard(x, dim, group, grad_rule)
-
-    def check_shard_rule(
-        self, func: str, x: jax.Array, group: AxisName, grad_rule: ShardGradRule
-    ) -> None:
-        autograd.check_shard_rule(func, x, group, grad_rule)
-
-    def gather(
-        self, x: jax.Array, dim: int, group: AxisName, grad_rule: GatherGradRule
-    ) -> jax.Array:
-        return autograd.gather(x, dim, group, grad_rule)
-
-    def reduce_scatter(self, x: jax.Array, dim: int, group: AxisName) -> jax.Array:
-        return autograd.reduce_scatter(x, dim, group)
-
-    def all_to_all(
-        self, x: jax.Array, scatter_dim: int, gather_dim: int, group: AxisName
-    ) -> jax.Array:
-        return autograd.all_to_all(x, scatter_dim, gather_dim, group)
+    # The differentiable primitives are the autograd functions themselves.
+    shard = staticmethod(autograd.shard)
+    check_shard_rule = staticmethod(autograd.check_shard_rule)
+    gather = staticmethod(autograd.gather)
+    reduce_scatter = staticmethod(autograd.reduce_scatter)
+    all_to_all = staticmethod(autograd.all_to_all)
 
     def valid_mask(self, like: jax.Array, total: int, valid: int) -> jax.Array:
         return jnp.arange(total) < valid
@@ -168,5 +154,13 @@ class JaxBackend(Backend):
             value = np.float32(value)
         return lax.pad(x, jnp.asarray(value, dtype=x.dtype), config)
 
-    def prefix(self, x: jax.Array, dim: int, length: int) -> jax.Array:
+    def is_plan_target(self, target: object, mesh: object) -> bool:
+        return mesh is not None and callable(target)
+
+    def apply_plan(self, target: Any, plan: Any, mesh: Any, options: Mapping[str, Any]) -> Any:
+        from .plan import apply_plan
+
+        return apply_plan(target, plan, mesh, **options)
+
+    def truncate(self, x: jax.Array, dim: int, length: int) -> jax.Array:
         return lax.slice_in_dim(x, 0, length, axis=dim)

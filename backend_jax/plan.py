@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +14,13 @@ from sp_common.groups import active_group
 from sp_common.plan import (
     GatherOutput,
     PlanError,
-    PlanRun,
     ShardInput,
     SPPlan,
     active_run,
     begin_run,
     end_run,
 )
+from sp_common.plan_args import gather_output, locate_inputs, shard_inputs
 
 from .core import DEFAULT_AXIS
 
@@ -76,55 +75,43 @@ def apply_plan(
         )
     shards = [s for s in specs.get("", ()) if isinstance(s, ShardInput)]
     gathers = [s for s in specs.get("", ()) if isinstance(s, GatherOutput)]
-    signature = inspect.signature(fn)
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    names = [n for n, p in signature.parameters.items() if p.kind not in variadic]
-    positional = [
-        n
-        for n, p in signature.parameters.items()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    keys = []
-    for spec in shards:
-        if isinstance(spec.arg, int):
-            if not 0 <= spec.arg < len(positional):
-                raise PlanError(
-                    f"apply_plan: {fn.__name__}{signature} has no named parameter at position "
-                    f"{spec.arg}; a JAX plan shards named parameters (not *args / **kwargs): "
-                    "name the argument in the function's signature."
-                )
-            keys.append(positional[spec.arg])
-        elif spec.arg not in names:
-            raise PlanError(
-                f"apply_plan: {fn.__name__} has no argument {spec.arg!r}; its arguments are "
-                f"{names}."
-            )
-        else:
-            keys.append(spec.arg)
+    slots = locate_inputs(getattr(fn, "__name__", "<function>"), fn, shards)
 
     @functools.wraps(fn)
     def planned(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        for key, spec in zip(keys, shards, strict=True):
-            if bound.arguments.get(key) is None:
+        def present(spec: ShardInput, value: Any) -> Any:
+            if value is None:
                 raise PlanError(
-                    f"<model> input {spec.arg!r}: the plan shards it, but the call did not pass "
-                    "it (or passed None)."
+                    f"<model> input {spec.arg!r}: the plan shards it, but the call passed None."
                 )
-        arrays = {k: v for k, v in bound.arguments.items() if _is_array_tree(v)}
+            return value
 
-        def body(arrays: dict[str, Any]) -> Any:
+        shard_inputs("<model>", slots, args, kwargs, present)
+        # Arrays (and pytrees of arrays) enter shard_map replicated; the rest stays static.
+        arrays: dict[tuple[str, Any], Any] = {
+            ("args", i): v for i, v in enumerate(args) if _is_array_tree(v)
+        }
+        arrays |= {("kwargs", k): v for k, v in kwargs.items() if _is_array_tree(v)}
+
+        def body(arrays: dict[tuple[str, Any], Any]) -> Any:
             outer = begin_run()
             try:
-                arguments = {**bound.arguments, **arrays}
                 run = active_run()
                 assert run is not None  # begin_run just set it
-                for key, spec in zip(keys, shards, strict=True):
-                    arguments[key] = run.shard("", spec, arguments[key])
-                call = inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
-                out = fn(*call.args, **call.kwargs)
-                for gather in gathers:
-                    out = _gather_output(run, gather, out)
+                passed = [arrays.get(("args", i), v) for i, v in enumerate(args)]
+                named = {k: arrays.get(("kwargs", k), v) for k, v in kwargs.items()}
+
+                def shard(spec: ShardInput, value: Any) -> Any:
+                    return run.shard("", spec, value)
+
+                call_args, call_kwargs = shard_inputs("<model>", slots, passed, named, shard)
+                out = fn(*call_args, **call_kwargs)
+                for spec in gathers:
+
+                    def gather(value: Any, spec: GatherOutput = spec) -> Any:
+                        return run.gather("", spec, value)
+
+                    out = gather_output("<model>", spec, out, gather)
             except BaseException:
                 end_run(outer, check=False)
                 raise
@@ -135,18 +122,3 @@ def apply_plan(
         return mapped(arrays)
 
     return planned
-
-
-def _gather_output(run: PlanRun, spec: GatherOutput, out: Any) -> Any:
-    if spec.index is None:
-        return run.gather("", spec, out)
-    if not isinstance(out, (tuple, list)) or not -len(out) <= spec.index < len(out):
-        raise PlanError(
-            f"<model> output[{spec.index}]: the output is {type(out).__name__}; fix "
-            "GatherOutput.index."
-        )
-    items = list(out)
-    items[spec.index] = run.gather("", spec, items[spec.index])
-    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple takes fields
-        return type(out)(*items)
-    return type(out)(items)

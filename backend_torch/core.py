@@ -12,7 +12,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from sp_common.backend import Backend
 from sp_common.debug import call_record, debug_enabled
-from sp_common.grad_rules import GatherGradRule, ShardGradRule
 from sp_common.groups import active_group, active_group_traceable, guard_identity
 from sp_common.shapes import DtypeInfo
 from sp_common.strict import strict_enabled, strict_enabled_traceable, strict_error
@@ -98,7 +97,7 @@ def _dtype_info(dt: torch.dtype) -> DtypeInfo:
     return DtypeInfo("int", iinfo.min, iinfo.max, name, has_inf=False, has_nan=False)
 
 
-class TorchBackend(Backend):
+class TorchBackend(Backend["dist.ProcessGroup | None"]):
     framework = "torch"
 
     def is_tensor(self, x: object) -> bool:
@@ -141,28 +140,13 @@ class TorchBackend(Backend):
     def rank(self, group: dist.ProcessGroup | None) -> int:
         return 0 if group is None else dist.get_rank(group)
 
-    def shard(
-        self, x: torch.Tensor, dim: int, group: Any, grad_rule: ShardGradRule
-    ) -> torch.Tensor:
-        return autograd.shard(x, dim, group, grad_rule)
-
-    def check_shard_rule(
-        self, func: str, x: torch.Tensor, group: Any, grad_rule: ShardGradRule
-    ) -> None:
-        autograd.check_shard_rule(func, x, group, grad_rule)
-
-    def gather(
-        self, x: torch.Tensor, dim: int, group: Any, grad_rule: GatherGradRule
-    ) -> torch.Tensor:
-        return autograd.gather(x, dim, group, grad_rule)
-
-    def reduce_scatter(self, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-        return autograd.reduce_scatter(x, dim, group)
-
-    def all_to_all(
-        self, x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any
-    ) -> torch.Tensor:
-        return autograd.all_to_all(x, scatter_dim, gather_dim, group)
+    # The differentiable primitives are the autograd functions themselves.
+    shard = staticmethod(autograd.shard)
+    check_shard_rule = staticmethod(autograd.check_shard_rule)
+    gather = staticmethod(autograd.gather)
+    reduce_scatter = staticmethod(autograd.reduce_scatter)
+    all_to_all = staticmethod(autograd.all_to_all)
+    shard_padded = staticmethod(autograd.shard_padded)
 
     def valid_mask(self, like: torch.Tensor, total: int, valid: int) -> torch.Tensor:
         return torch.arange(total, device=like.device) < valid
@@ -186,19 +170,26 @@ class TorchBackend(Backend):
         fill_shape[dim] = pad
         return torch.cat([x, x.new_full(fill_shape, value)], dim=dim)
 
-    def shard_padded(
-        self,
-        x: torch.Tensor,
-        dim: int,
-        group: Any,
-        pad: int,
-        value: Any,
-        grad_rule: ShardGradRule,
-    ) -> torch.Tensor:
-        return autograd.shard_padded(x, dim, group, pad, value, grad_rule)
-
-    def prefix(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    def truncate(self, x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         return x.narrow(dim, 0, length).contiguous()
+
+    def is_plan_target(self, target: object, mesh: object) -> bool:
+        return isinstance(target, torch.nn.Module)
+
+    def apply_plan(self, target: Any, plan: Any, mesh: Any, options: Mapping[str, Any]) -> Any:
+        if mesh is not None or options:
+            raise TypeError(
+                "apply_plan: a torch module takes no mesh or options; the SP group comes "
+                "from sp_group(...) or the default process group."
+            )
+        from .plan import apply_plan
+
+        return apply_plan(target, plan)
+
+    def all_reduce_grads(self, model: Any, group: Any) -> None:
+        from .plan import all_reduce_grads
+
+        all_reduce_grads(model, group)
 
     def check_consistent(
         self,

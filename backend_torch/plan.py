@@ -14,7 +14,6 @@ rank's term, parameters before a shard, between shard and gather, and after a ga
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -36,6 +35,7 @@ from sp_common.plan import (
     begin_run,
     end_run,
 )
+from sp_common.plan_args import gather_output, locate_inputs, shard_inputs
 
 # The modules with an applied plan (weakly: a plan does not keep its model alive).
 _APPLIED: weakref.WeakKeyDictionary[torch.nn.Module, AppliedPlan] = weakref.WeakKeyDictionary()
@@ -161,68 +161,21 @@ def _expand(model: torch.nn.Module, path: str) -> Iterator[tuple[str, torch.nn.M
 
 
 def _shard_hook(path: str, module: torch.nn.Module, specs: list[ShardInput]) -> Any:
-    """A pre-hook that shards the planned inputs, found in args or kwargs. Where each one is
-    comes from ``forward``'s signature here, at registration: binding in the hook itself
-    (``Signature.bind``) would break torch.compile's graph.
-
-    - A parameter name: its position (if it has one), else that keyword of the call.
-    - A position ``i``: the positional parameter at ``i`` (so, passed by keyword, its name);
-      past the named ones, when ``forward`` takes ``*args``, position ``i`` of the call's
-      positional arguments.
-    - Any other name, when ``forward`` takes ``**kwargs``: that keyword of the call.
-
-    So a module whose ``forward(*args, **kwargs)`` hides its parameters (a wrapper such as
-    ``DistributedDataParallel``) takes positions and keywords; a ``functools.wraps``'d forward
-    shows (and is planned by) the wrapped signature.
-    """
-    kind = inspect.Parameter
-    params = inspect.signature(module.forward).parameters
-    positional = [
-        n for n, p in params.items() if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
-    ]
-    named = [n for n, p in params.items() if p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)]
-    var_args = any(p.kind == kind.VAR_POSITIONAL for p in params.values())
-    var_kwargs = any(p.kind == kind.VAR_KEYWORD for p in params.values())
-    # (spec, keyword or None, position or None): where the hook looks, position first.
-    where: list[tuple[ShardInput, str | None, int | None]] = []
-    for spec in specs:
-        arg = spec.arg
-        if isinstance(arg, str) and (arg in named or var_kwargs):
-            position = positional.index(arg) if arg in positional else None
-            keyword = None if arg in named and params[arg].kind == kind.POSITIONAL_ONLY else arg
-            where.append((spec, keyword, position))
-        elif isinstance(arg, int) and 0 <= arg < len(positional):
-            name = positional[arg]
-            keyword = None if params[name].kind == kind.POSITIONAL_ONLY else name
-            where.append((spec, keyword, arg))
-        elif isinstance(arg, int) and arg >= 0 and var_args:
-            where.append((spec, None, arg))
-        else:
-            stars: dict[Any, str] = {kind.VAR_POSITIONAL: "*", kind.VAR_KEYWORD: "**"}
-            shown = ", ".join(stars.get(p.kind, "") + n for n, p in params.items())
-            raise PlanError(
-                f"apply_plan: {path or '<model>'}.forward({shown}) has no argument {arg!r}; name "
-                f"one of its parameters {named} or give a position counted from 0"
-                + ("" if var_args else f" below {len(positional)}")
-                + "."
-            )
+    """A pre-hook that shards the planned inputs, found in args or kwargs where
+    ``sp_common.plan_args.locate_inputs`` says (from ``forward``'s signature, here, at
+    registration)."""
+    where = path or "<model>"
+    slots = locate_inputs(f"{where}.forward", module.forward, specs)
 
     def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         run = active_run()
         if run is None:
             raise PlanError(f"{path}: a planned submodule ran outside its model's forward pass.")
-        new_args, new_kwargs = list(args), dict(kwargs)
-        for spec, keyword, position in where:
-            if position is not None and position < len(new_args):
-                new_args[position] = run.shard(path, spec, new_args[position], grad_rule="local")
-            elif keyword is not None and keyword in new_kwargs:
-                new_kwargs[keyword] = run.shard(path, spec, new_kwargs[keyword], grad_rule="local")
-            else:
-                raise PlanError(
-                    f"{path or '<model>'} input {spec.arg!r}: the plan shards it, but the call "
-                    f"did not pass it ({len(args)} positional, keywords {sorted(kwargs)})."
-                )
-        return tuple(new_args), new_kwargs
+
+        def shard(spec: ShardInput, value: Any) -> Any:
+            return run.shard(path, spec, value, grad_rule="local")
+
+        return shard_inputs(where, slots, args, kwargs, shard)
 
     return hook
 
@@ -233,57 +186,18 @@ def _gather_hook(path: str, specs: list[GatherOutput]) -> Any:
         if run is None:
             raise PlanError(f"{path}: a planned submodule ran outside its model's forward pass.")
         for spec in specs:
-            where = f"{path or '<model>'} output"
-            if isinstance(output, Mapping):
+
+            def gather(value: Any, spec: GatherOutput = spec) -> Any:
+                return run.gather(path, spec, value, grad_rule="reduce_scatter")
+
+            try:
+                output = gather_output(path or "<model>", spec, output, gather)
+            except PlanError:
                 run.abandon()
-                keys = list(output)
-                example = (
-                    f" (e.g. the one whose result becomes output[{keys[0]!r}])" if keys else ""
-                )
-                raise PlanError(
-                    f"{where}" + ("" if spec.index is None else f"[{spec.index}]") + ": the "
-                    f"output is a {type(output).__name__} with keys {keys}, but GatherOutput "
-                    "gathers a tensor output (index=None) or element `index` of a tuple/list "
-                    "output, not a dict entry; put the GatherOutput on the submodule that "
-                    f"computes the tensor{example}, or make {path or 'the model'} return a tuple "
-                    "and pass GatherOutput(dim, index=...)."
-                )
-            if spec.index is None:
-                if isinstance(output, (tuple, list)):
-                    run.abandon()
-                    raise PlanError(
-                        f"{where}: the output is a {type(output).__name__} of length "
-                        f"{len(output)}, and GatherOutput(index=None) gathers a tensor output; "
-                        f"pick the element with GatherOutput(dim, index=...) (0 to "
-                        f"{len(output) - 1})."
-                    )
-                output = run.gather(path, spec, output, grad_rule="reduce_scatter")
-                continue
-            if not isinstance(output, (tuple, list)) or not -len(output) <= spec.index < len(
-                output
-            ):
-                run.abandon()
-                raise PlanError(
-                    f"{where}[{spec.index}]: the output is "
-                    f"{type(output).__name__}"
-                    + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
-                    + "; fix GatherOutput.index."
-                )
-            items = list(output)
-            items[spec.index] = run.gather(
-                path, spec, items[spec.index], grad_rule="reduce_scatter"
-            )
-            output = _rebuilt(output, items)
+                raise
         return output
 
     return hook
-
-
-def _rebuilt(output: tuple | list, items: list[Any]) -> Any:
-    """``output``'s type holding ``items`` (a namedtuple takes them as fields)."""
-    if isinstance(output, tuple) and hasattr(output, "_fields"):
-        return type(output)(*items)
-    return type(output)(items)
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)

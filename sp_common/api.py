@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .backend import Backend, backend_for, backend_named
-from .grad_rules import gather_rule, shard_rule
+from .grad_rules import GatherGradRule, ShardGradRule, gather_rule, shard_rule
 from .shapes import (
     check_divisible,
     check_pad_size,
@@ -17,20 +17,20 @@ from .shapes import (
 T = TypeVar("T")
 
 
-def resolve(func: str, tensor: Any, group: Any) -> tuple[Backend, Any, int]:
-    """(backend, resolved group, world size) for one op on ``tensor``."""
+class Resolved(NamedTuple):
+    """Where one op on a tensor runs: its framework's backend, the SP group (as the backend
+    resolved it) and that group's world size."""
+
+    backend: Backend
+    group: Any
+    world_size: int
+
+
+def resolve(func: str, tensor: Any, group: Any) -> Resolved:
+    """The backend, group and world size for one call of ``func`` on ``tensor``."""
     backend = backend_for(func, tensor)
     g = backend.resolve_group(func, group)
-    return backend, g, backend.world_size(g)
-
-
-def prepare(
-    func: str, tensor: Any, dim: Any, group: Any
-) -> tuple[Backend, tuple[int, ...], int, Any, int]:
-    """(backend, shape, normalized dim, resolved group, world size) for one op on ``tensor``."""
-    backend, g, n = resolve(func, tensor, group)
-    shape = backend.shape(tensor)
-    return backend, shape, normalize_dim(func, dim, shape), g, n
+    return Resolved(backend, g, backend.world_size(g))
 
 
 # What the local argument checks raise. In debug mode a rank whose local checks raise one of
@@ -49,7 +49,12 @@ def check_flag(func: str, name: str, value: object) -> None:
 
 
 def sp_shard(
-    tensor: T, dim: int, validate: bool = True, *, group: Any = None, grad_rule: str | None = None
+    tensor: T,
+    dim: int,
+    validate: bool = True,
+    *,
+    group: Any = None,
+    grad_rule: ShardGradRule | None = None,
 ) -> T:
     """This rank's chunk of ``tensor`` along ``dim``.
 
@@ -111,7 +116,7 @@ def sp_gather(
     *,
     pad_size: int = 0,
     group: Any = None,
-    grad_rule: str | None = None,
+    grad_rule: GatherGradRule | None = None,
 ) -> T:
     """All ranks' shards concatenated along ``dim`` in rank order, minus ``pad_size`` at the end.
 
@@ -156,7 +161,7 @@ def sp_gather(
             agreed = {"dim": d, "pad_size": p, "grad_rule": rule}
             backend.check_consistent(func, g, {"tensor": tensor}, agreed)
         tensor = backend.gather(tensor, d, g, rule)
-    return backend.prefix(tensor, d, full_shape[d] - p) if p else tensor
+    return backend.truncate(tensor, d, full_shape[d] - p) if p else tensor
 
 
 def sp_shard_with_padding(
@@ -165,7 +170,7 @@ def sp_shard_with_padding(
     pad_value: float = 0.0,
     *,
     group: Any = None,
-    grad_rule: str | None = None,
+    grad_rule: ShardGradRule | None = None,
 ) -> tuple[T, int]:
     """Pad ``tensor`` at the end of ``dim`` to a multiple of N, then shard it.
 
@@ -215,7 +220,7 @@ def sp_unpad(tensor: T, dim: int, pad_size: int) -> T:
     shape = backend.shape(tensor)
     d = normalize_dim("sp_unpad", dim, shape)
     p = check_pad_size("sp_unpad", pad_size, shape, d)
-    return backend.prefix(tensor, d, shape[d] - p) if p else tensor
+    return backend.truncate(tensor, d, shape[d] - p) if p else tensor
 
 
 def _backend_of(func: str, like: Any) -> Backend:

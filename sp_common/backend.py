@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from .grad_rules import GatherGradRule, ShardGradRule
 from .shapes import DtypeInfo
@@ -17,7 +17,7 @@ from .shapes import DtypeInfo
 _FRAMEWORKS = ("torch", "jax")
 
 
-def _load(framework: str) -> Backend:
+def _load(framework: str) -> Backend[Any]:
     """Import the backend package of ``framework``. Plain import statements, not importlib:
     torch.compile can trace an import statement, so the first op may run inside a compiled
     function."""
@@ -30,10 +30,13 @@ def _load(framework: str) -> Backend:
     return backend_jax.BACKEND
 
 
+# A backend's resolved SP group: torch ``ProcessGroup | None``, JAX an axis name.
+GroupT = TypeVar("GroupT")
+
 _SUPPORTED = "torch.Tensor or jax.Array (including tracers inside jit/shard_map)"
 
 
-class Backend:
+class Backend(Generic[GroupT]):
     """Primitives over one framework. sp_common composes them; a backend never pads, unpads or
     checks arguments on its own (only framework-specific limits, such as the dtypes gloo can
     sum).
@@ -53,37 +56,37 @@ class Backend:
         """The facts about ``x``'s dtype that the argument checks need."""
         raise NotImplementedError
 
-    def resolve_group(self, func: str, group: Any) -> Any:
+    def resolve_group(self, func: str, group: Any) -> GroupT:
         """The explicit group, else the active ``sp_group`` block's, else the default."""
         raise NotImplementedError
 
-    def world_size(self, group: Any) -> int:
+    def world_size(self, group: GroupT) -> int:
         raise NotImplementedError
 
-    def rank(self, group: Any) -> Any:
+    def rank(self, group: GroupT) -> Any:
         raise NotImplementedError
 
-    def shard(self, x: Any, dim: int, group: Any, grad_rule: ShardGradRule) -> Any:
+    def shard(self, x: Any, dim: int, group: GroupT, grad_rule: ShardGradRule) -> Any:
         """This rank's chunk of ``x`` along ``dim`` (size divisible by the world size).
         Backward: gather of the gradient (``"gather"``), or this rank's gradient chunk in place
         with zeros elsewhere (``"local"``)."""
         raise NotImplementedError
 
-    def check_shard_rule(self, func: str, x: Any, group: Any, grad_rule: ShardGradRule) -> None:
+    def check_shard_rule(self, func: str, x: Any, group: GroupT, grad_rule: ShardGradRule) -> None:
         """Raise ValueError where the backend can tell that ``grad_rule`` does not match ``x``
         (``"gather"`` of a tensor whose gradient is per rank, ``"local"`` of a replicated one);
         a no-op where it cannot tell."""
 
-    def gather(self, x: Any, dim: int, group: Any, grad_rule: GatherGradRule) -> Any:
+    def gather(self, x: Any, dim: int, group: GroupT, grad_rule: GatherGradRule) -> Any:
         """All ranks' chunks concatenated along ``dim`` in rank order. Backward: this rank's
         slice (``"slice"``) or the reduce-scatter sum (``"reduce_scatter"``)."""
         raise NotImplementedError
 
-    def reduce_scatter(self, x: Any, dim: int, group: Any) -> Any:
+    def reduce_scatter(self, x: Any, dim: int, group: GroupT) -> Any:
         """Sum over ranks, keep this rank's chunk of ``dim``. Backward: gather."""
         raise NotImplementedError
 
-    def all_to_all(self, x: Any, scatter_dim: int, gather_dim: int, group: Any) -> Any:
+    def all_to_all(self, x: Any, scatter_dim: int, gather_dim: int, group: GroupT) -> Any:
         """Chunk j of ``scatter_dim`` to rank j, received chunks concatenated along
         ``gather_dim``. Backward: the all-to-all with the dims swapped."""
         raise NotImplementedError
@@ -103,21 +106,35 @@ class Backend:
         raise NotImplementedError
 
     def shard_padded(
-        self, x: Any, dim: int, group: Any, pad: int, value: Any, grad_rule: ShardGradRule
+        self, x: Any, dim: int, group: GroupT, pad: int, value: Any, grad_rule: ShardGradRule
     ) -> Any:
         """This rank's chunk of ``x`` padded with ``pad`` elements of ``value`` at the end of
         ``dim`` (as ``shard(pad_end(x, ...))``, which is the default). A backend may build only
         this rank's chunk instead of the whole padded tensor."""
         return self.shard(self.pad_end(x, dim, pad, value), dim, group, grad_rule)
 
-    def prefix(self, x: Any, dim: int, length: int) -> Any:
-        """The first ``length`` elements of ``x`` along ``dim``."""
+    def truncate(self, x: Any, dim: int, length: int) -> Any:
+        """``x`` cut to its first ``length`` elements along ``dim`` (drops the padding at the
+        end; torch: contiguous)."""
+        raise NotImplementedError
+
+    def is_plan_target(self, target: object, mesh: object) -> bool:
+        """Whether ``apply_plan(target, plan, mesh=mesh)`` belongs to this framework (torch: an
+        ``nn.Module``; JAX: a function together with a mesh)."""
+        return False
+
+    def apply_plan(self, target: Any, plan: Any, mesh: Any, options: Mapping[str, Any]) -> Any:
+        """Apply the ``SPPlan`` ``plan`` to ``target`` (see :func:`sp_common.apply_plan`)."""
+        raise NotImplementedError
+
+    def all_reduce_grads(self, model: Any, group: Any) -> None:
+        """Sum a planned model's per-rank gradient terms over the SP group (torch only)."""
         raise NotImplementedError
 
     def check_consistent(
         self,
         func: str,
-        group: Any,
+        group: GroupT,
         tensors: Mapping[str, object],
         values: Mapping[str, object],
         failure: Exception | None = None,
@@ -133,10 +150,10 @@ class Backend:
         (JAX's SPMD), a no-op that costs next to nothing."""
 
 
-_by_type: dict[type, Backend] = {}
+_by_type: dict[type, Backend[Any]] = {}
 
 
-def backend_for(func: str, x: object) -> Backend:
+def backend_for(func: str, x: object) -> Backend[Any]:
     """The backend for tensor ``x``; TypeError naming ``func`` for anything else."""
     backend = _by_type.get(type(x))
     if backend is not None:
@@ -153,7 +170,21 @@ def backend_for(func: str, x: object) -> Backend:
     )
 
 
-def backend_named(func: str, framework: str) -> Backend:
+def plan_backend(func: str, target: object, mesh: object) -> Backend[Any]:
+    """The backend whose plans apply to ``target`` (and ``mesh``), among imported frameworks;
+    TypeError naming ``func`` otherwise."""
+    for framework in _FRAMEWORKS:
+        if framework in sys.modules:
+            candidate = _load(framework)
+            if candidate.is_plan_target(target, mesh):
+                return candidate
+    raise TypeError(
+        f"{func}: target is {type(target).__name__}; pass a torch.nn.Module, or a JAX function "
+        "together with mesh=..."
+    )
+
+
+def backend_named(func: str, framework: str) -> Backend[Any]:
     """The backend of ``framework`` (``"torch"`` or ``"jax"``), importing it on request."""
     if framework not in _FRAMEWORKS:
         raise ValueError(

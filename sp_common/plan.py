@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .api import sp_gather, sp_shard, sp_shard_with_padding
-from .backend import backend_for
+from .backend import backend_for, plan_backend
 
 
 class PlanError(ValueError):
@@ -361,18 +360,16 @@ def all_reduce_grads(model: Any, group: Any = None) -> None:
     Raises:
         TypeError: ``model`` is not a torch ``nn.Module``.
     """
-    if "torch" in sys.modules:
-        import torch
-
-        if isinstance(model, torch.nn.Module):
-            from backend_torch.plan import all_reduce_grads as all_reduce_torch
-
-            all_reduce_torch(model, group)
-            return
-    raise TypeError(
-        f"all_reduce_grads: model must be a torch.nn.Module with an applied SPPlan, got "
-        f"{type(model).__name__}; JAX plans need no gradient sum (shard_map does it)."
-    )
+    try:
+        backend = plan_backend("all_reduce_grads", model, None)
+    except TypeError:
+        backend = None
+    if backend is None or backend.framework != "torch":
+        raise TypeError(
+            f"all_reduce_grads: model must be a torch.nn.Module with an applied SPPlan, got "
+            f"{type(model).__name__}; JAX plans need no gradient sum (shard_map does it)."
+        )
+    backend.all_reduce_grads(model, group)
 
 
 def apply_plan(target: Any, plan: SPPlan, *, mesh: Any = None, **options: Any) -> Any:
@@ -386,23 +383,4 @@ def apply_plan(target: Any, plan: SPPlan, *, mesh: Any = None, **options: Any) -
             f"apply_plan: plan must be an SPPlan, got {type(plan).__name__}; wrap the mapping: "
             "SPPlan({...})."
         )
-    if "torch" in sys.modules:
-        import torch
-
-        if isinstance(target, torch.nn.Module):
-            if mesh is not None or options:
-                raise TypeError(
-                    "apply_plan: a torch module takes no mesh or options; the SP group comes "
-                    "from sp_group(...) or the default process group."
-                )
-            from backend_torch.plan import apply_plan as apply_torch
-
-            return apply_torch(target, plan)
-    if mesh is not None and callable(target):
-        from backend_jax.plan import apply_plan as apply_jax
-
-        return apply_jax(target, plan, mesh, **options)
-    raise TypeError(
-        f"apply_plan: target is {type(target).__name__}; pass a torch.nn.Module, or a JAX "
-        "function together with mesh=..."
-    )
+    return plan_backend("apply_plan", target, mesh).apply_plan(target, plan, mesh, options)

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import sp_common as sp
 from sp_common import GatherOutput, ShardInput, SPPlan
+from sp_common.testing.data import make_data
 from sp_common.testing.mesh import mesh_of
 
 from . import exactness_tasks as tasks
@@ -24,7 +25,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def rand(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    """Seeded finite float32 data."""
+    return make_data(shape, "float32", seed, specials=False)
 
 
 def assert_close(got, expected, what: str) -> None:
@@ -160,15 +162,21 @@ def test_the_validator_removes_padding_in_nested_blocks_and_after_its_block(n, t
     np.testing.assert_array_equal(np.asarray(after), x)
 
 
-def test_a_jax_plan_position_must_name_a_parameter_not_star_args() -> None:
-    """Position 0 of ``def f(*args)`` used to mean the whole ``args`` tuple."""
+def test_a_jax_plan_position_past_the_named_parameters_is_that_positional_argument() -> None:
+    """Position 0 of ``def f(*args)`` once meant the whole ``args`` tuple; it is ``args[0]``,
+    as in the torch plan (one binder, ``sp_common.plan_args``, serves both)."""
+    seen: list[tuple[int, ...]] = []
 
     def f(*args):
-        return args[0]
+        seen.append(tuple(args[0].shape))
+        return args[0] + args[1]
 
+    x = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    y = np.ones((2, 1, 3), np.float32)
     plan = SPPlan({"": (ShardInput(0, dim=1), GatherOutput(dim=1))})
-    with pytest.raises(sp.PlanError, match=r"no named parameter at position 0.*\*args"):
-        sp.apply_plan(f, plan, mesh=mesh_of(2))
+    out = sp.apply_plan(f, plan, mesh=mesh_of(2))(jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_array_equal(np.asarray(out), x + y)
+    assert seen == [(2, 2, 3)]
 
 
 @pytest.mark.parametrize("n", [2, 4])
