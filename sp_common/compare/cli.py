@@ -324,10 +324,17 @@ def plan(s: Settings) -> tuple[list[Case], list[str]]:
 EXTRA = ("numpy", "ml_dtypes", "tqdm", "tabulate", "matplotlib")
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, a broken install
+        return False
+
+
 def _require_extra() -> None:
     """CompareError naming what to install when the ``compare`` extra is missing (checked
     after the arguments, so ``--help`` and argument errors work without it)."""
-    missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
+    missing = [m for m in EXTRA if not _installed(m)]
     if missing:
         raise CompareError(
             f"{PROG} needs {', '.join(missing)} (not installed); pip install 'sp-sharding[compare]'"
