@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
+from examples.model import gelu, layer_norm
 from sp_common import planned_seq_len, sp_ulysses_attention
 from sp_common.plan import GatherOutput, ShardInput, SPPlan
 
@@ -121,24 +123,22 @@ def torch_model(params: dict[str, Any]) -> Any:
 
 # ------------------------------------------------------------------------------------- JAX
 def jax_forward(params: dict[str, Any], x: Any) -> Any:
-    """The same model as a pure JAX function of its parameters."""
-    import jax
-    import jax.numpy as jnp
+    """The same model as a pure function of its parameters (JAX arrays), over the array API
+    with the LayerNorm and GELU of ``examples.model``."""
 
     def linear(p: dict[str, Any], h: Any) -> Any:
         return h @ p["w"] + p["b"]
 
-    def layer_norm(p: dict[str, Any], h: Any) -> Any:
-        mean = h.mean(-1, keepdims=True)
-        var = ((h - mean) ** 2).mean(-1, keepdims=True)
-        return (h - mean) / jnp.sqrt(var + 1e-5) * p["g"] + p["b"]
+    def norm(p: dict[str, Any], h: Any) -> Any:
+        return layer_norm(h, p["g"], p["b"])
 
+    xp = array_namespace(x)
     h = linear(params["patch_embed"], x)
     for p in params["blocks"]:
         b, s, _ = h.shape
-        qkv = linear(p["qkv"], layer_norm(p["ln1"], h)).reshape(b, s, 3, HEADS, WIDTH // HEADS)
+        qkv = xp.reshape(linear(p["qkv"], norm(p["ln1"], h)), (b, s, 3, HEADS, WIDTH // HEADS))
         seq_len = planned_seq_len(default=None)
         attn = sp_ulysses_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], seq_len=seq_len)
-        h = h + linear(p["proj"], attn.reshape(b, s, WIDTH))
-        h = h + linear(p["fc2"], jax.nn.gelu(linear(p["fc1"], layer_norm(p["ln2"], h))))
-    return linear(params["proj_out"], layer_norm(params["norm_out"], h))
+        h = h + linear(p["proj"], xp.reshape(attn, (b, s, WIDTH)))
+        h = h + linear(p["fc2"], gelu(linear(p["fc1"], norm(p["ln2"], h))))
+    return linear(params["proj_out"], norm(params["norm_out"], h))
