@@ -1,14 +1,15 @@
-"""JAX benchmarks on an N-device mesh (``run.py`` sets ``XLA_FLAGS`` before JAX is imported).
+"""JAX benchmarks on an N-device mesh (``sp_common.testing.mesh_of``; ``python -m
+benchmarks.run`` sets ``XLA_FLAGS`` before it imports this module, and so JAX).
 
 Every candidate is jitted, its inputs are placed with the sharding it expects, and each timed
-call is blocked on its result; candidates run interleaved, the order rotating every repeat.
+call is blocked on its result (``jax_fences``); candidates run interleaved
+(``sp_common.testing.interleaved``), the order rotating every repeat.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,28 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sp_common import sp_all_to_all, sp_gather
+from sp_common.testing import Timings, interleaved, jax_fences, make_data
 
-Timings = dict[str, list[float]]
-
-
-def mesh_of(n: int) -> Mesh:
-    return Mesh(np.array(jax.devices()[:n]), ("sp",))
-
-
-def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> Timings:
-    """Seconds per call of each function (blocked on its result), interleaved."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            jax.block_until_ready(fns[name]())
-    times: Timings = {name: [] for name in names}
-    for i in range(repeats):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            jax.block_until_ready(fns[name]())
-            times[name].append(time.perf_counter() - start)
-    return times
+# The timed candidates return their array in a 1-tuple: jax_fences' wait computes
+# ``block_until_ready(result) and None``, the truth value of the result, which raises for an array
+# of more than one element (a non-empty tuple is true).
 
 
 def hlo_ops(fn: Any, *args: Any) -> dict[str, int]:
@@ -54,10 +38,7 @@ def gather_vs_reshard(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
     """``sp_gather`` inside ``jit(shard_map)`` vs XLA's own resharding of the same array (sharded
     on dim 1) to replicated: ``jit(lambda x: x, out_shardings=replicated)``."""
     spec = P(None, "sp")
-    x = jax.device_put(
-        np.random.default_rng(0).standard_normal(shape, dtype=np.float32),
-        NamedSharding(mesh, spec),
-    )
+    x = jax.device_put(make_data(shape, "float32", 0, specials=False), NamedSharding(mesh, spec))
     ours = jax.jit(
         jax.shard_map(lambda s: sp_gather(s, 1), mesh=mesh, in_specs=spec, out_specs=P())
     )
@@ -65,7 +46,8 @@ def gather_vs_reshard(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
     with jax.set_mesh(mesh):
         assert np.array_equal(np.asarray(ours(x)), np.asarray(reshard(x)), equal_nan=True)
         hlo = {"sp_gather": hlo_ops(ours, x), "reshard": hlo_ops(reshard, x)}
-        times = interleaved({"sp_gather": lambda: ours(x), "reshard": lambda: reshard(x)}, repeats)
+        fns = {"sp_gather": lambda: (ours(x),), "reshard": lambda: (reshard(x),)}
+        times = interleaved(fns, repeats, fences=jax_fences())
     return times, hlo
 
 
@@ -73,10 +55,7 @@ def all_to_all_vs_raw(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
     """``sp_all_to_all(x, 2, 1)`` vs ``lax.all_to_all(x, "sp", 2, 1, tiled=True)`` inside
     ``jit(shard_map)`` on the global ``[B, S, H, D]`` array sharded on dim 1."""
     spec_in, spec_out = P(None, "sp"), P(None, None, "sp")
-    x = jax.device_put(
-        np.random.default_rng(0).standard_normal(shape, dtype=np.float32),
-        NamedSharding(mesh, spec_in),
-    )
+    x = jax.device_put(make_data(shape, "float32", 0, specials=False), NamedSharding(mesh, spec_in))
 
     def mapped(body: Callable[[Any], Any]) -> Any:
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec_in, out_specs=spec_out))
@@ -86,7 +65,6 @@ def all_to_all_vs_raw(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
     with jax.set_mesh(mesh):
         assert np.array_equal(np.asarray(ours(x)), np.asarray(raw(x)))
         hlo = {"sp_all_to_all": hlo_ops(ours, x), "lax.all_to_all": hlo_ops(raw, x)}
-        times = interleaved(
-            {"sp_all_to_all": lambda: ours(x), "lax.all_to_all": lambda: raw(x)}, repeats
-        )
+        fns = {"sp_all_to_all": lambda: (ours(x),), "lax.all_to_all": lambda: (raw(x),)}
+        times = interleaved(fns, repeats, fences=jax_fences())
     return times, hlo

@@ -1,6 +1,8 @@
 """Benchmarks of sp_common against the raw collectives and the straightforward peers (make bench).
 
-    .venv/bin/python benchmarks/run.py
+From the repository root (the torch ranks find their tasks as ``benchmarks.torch_bench``)::
+
+    .venv/bin/python -m benchmarks.run
 
 Every figure is a ratio of two things measured in this run, interleaved, on 4 gloo ranks
 (torch) or 4 JAX CPU devices: the median over many repeats of ours divided by the median of the
@@ -19,18 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from benchmarks import torch_bench
+from sp_common.testing import RankPool, Timings, format_table, mesh_of, slowest_rank
+
 WORLD = 4
-# Before JAX is first imported (by jax_bench, in jax_figures): WORLD host devices.
+# WORLD host devices. JAX reads XLA_FLAGS once, when first imported: by jax_bench, in jax_figures
+# (nothing imported above imports JAX).
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={WORLD}"]
 ).strip()
-
-import numpy as np  # noqa: E402
-import torch_bench  # noqa: E402
-
-from sp_common.testing import RankPool  # noqa: E402
-
-Timings = dict[str, list[float]]
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,6 @@ def _ms(times: list[float]) -> str:
     return f"{statistics.median(times) * 1e3:.3f} ms"
 
 
-def slowest_rank(per_rank: list[Timings]) -> Timings:
-    """Per candidate and repeat, the slowest rank's time."""
-    return {
-        name: [max(ts) for ts in zip(*(r[name] for r in per_rank), strict=True)]
-        for name in per_rank[0]
-    }
-
-
 def _label(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
@@ -91,14 +84,6 @@ def _label(shape: tuple[int, ...]) -> str:
 def repeats_for(nbytes: int) -> int:
     """More repeats for small (fast, noisy) tensors, fewer for large ones."""
     return 300 if nbytes <= 1 << 21 else 80 if nbytes <= 1 << 25 else 30
-
-
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    for i, row in enumerate([headers, *rows]):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def torch_figures(pool: RankPool) -> tuple[list[Figure], Timings, Any]:
@@ -154,9 +139,9 @@ def torch_figures(pool: RankPool) -> tuple[list[Figure], Timings, Any]:
 
 def jax_figures() -> tuple[list[Figure], dict[str, Any]]:
     """The JAX ratios, and the op counts of each candidate's compiled HLO."""
-    import jax_bench
+    from benchmarks import jax_bench
 
-    mesh = jax_bench.mesh_of(WORLD)
+    mesh = mesh_of(WORLD)
     figures, hlo = [], {}
     for shape in [(1, 1024, 256), (1, 4096, 1024), (1, 16384, 1024), (4, 4096, 1024)]:
         t, ops = jax_bench.gather_vs_reshard(mesh, shape, repeats_for(int(np.prod(shape)) * 4))
@@ -176,16 +161,17 @@ def jax_figures() -> tuple[list[Figure], dict[str, Any]]:
 def print_fixed_cost(fixed: Timings) -> None:
     print("\nfixed cost per call on a [1, 4, 1] tensor (rank 0 alone; median of 30 blocks of 2000)")
     us = {name: statistics.median(t) * 1e6 for name, t in fixed.items()}
-    for name, value in us.items():
-        print(f"  {name:<16} {value:7.2f} us")
+    print(format_table(["call", "us"], [[name, f"{value:.2f}"] for name, value in us.items()]))
     overhead = us["sp_shard"] - us["narrow.clone"]
     verdict = "met" if overhead < 10 else "MISSED"
-    print(f"  fixed cost = sp_shard - narrow.clone = {overhead:.2f} us (target < 10 us: {verdict})")
+    print(f"fixed cost = sp_shard - narrow.clone = {overhead:.2f} us (target < 10 us: {verdict})")
     print(
-        f"    dispatch, group, checks {us['sp_shard'] - us['autograd.shard']:.2f} us; autograd "
-        f"Function {us['autograd.shard'] - us['local_chunk']:.2f} us; get_world_size/get_rank "
-        f"{us['local_chunk'] - us['narrow.clone']:.2f} us"
+        f"  dispatch, group, checks {us['sp_shard'] - us['backend.shard']:.2f} us (resolve "
+        f"{us['resolve']:.2f} us); grad check {us['backend.shard'] - us['local_chunk']:.2f} us; "
+        f"get_world_size/get_rank {us['local_chunk'] - us['narrow.clone']:.2f} us"
     )
+    function = us["backend.shard (grad)"] - us["local_chunk"]
+    print(f"  the autograd Function, on a tensor that requires grad: +{function:.2f} us")
 
 
 def print_memory(memory: list[dict[str, Any]]) -> None:
@@ -200,6 +186,14 @@ def print_memory(memory: list[dict[str, Any]]) -> None:
             print(f"      {a}")
 
 
+def print_hlo(hlo: dict[str, dict[str, dict[str, int]]]) -> None:
+    """One row per program and candidate, one column per op (every candidate counts the same)."""
+    found = [(name, who, counts) for name, per in hlo.items() for who, counts in per.items()]
+    ops = list(found[0][2])
+    rows = [[name, who, *(str(counts[op]) for op in ops)] for name, who, counts in found]
+    print(format_table(["HLO of", "candidate", *ops], rows))
+
+
 def main() -> int:
     start = time.monotonic()
     print(
@@ -212,13 +206,11 @@ def main() -> int:
     jfigures, hlo = jax_figures()
     headers = ["benchmark", "shape", "ours", "baseline", "ratio", "paired [p25, p75]", "target", ""]
     print()
-    _print_table(headers, [f.row() for f in [*figures, *jfigures]])
+    print(format_table(headers, [f.row() for f in [*figures, *jfigures]]))
     print_fixed_cost(fixed)
     print_memory(memory)
     print("\nJAX compiled HLO op counts")
-    for name, per in hlo.items():
-        for who, ops in per.items():
-            print(f"  {name:<26} {who:<15} {ops}")
+    print_hlo(hlo)
     print(f"\ndone in {time.monotonic() - start:.0f} s")
     return 0
 

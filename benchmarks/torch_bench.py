@@ -1,14 +1,15 @@
-"""torch benchmarks: functions that run on every rank of a ``RankPool`` (gloo on the CPU).
+"""torch benchmarks: tasks that run on every rank of a ``RankPool`` (gloo on the CPU), found
+by module name, ``benchmarks.torch_bench``; ``python -m benchmarks.run`` runs them.
 
-Each timing function runs its candidates interleaved (the order rotates every repeat, so drift
-hits all of them alike), each call started right after a barrier, and returns every rank's
-seconds per call; ``run.py`` takes the slowest rank of each repeat and the median over repeats.
+Each timing task times its candidates with ``sp_common.testing.interleaved`` (the order rotates
+every repeat, so drift hits all of them alike; ``torch_fences``: each call starts right after a
+barrier) and returns this rank's seconds per call; ``run.py`` takes the slowest rank of each
+repeat and the median over repeats.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -17,37 +18,28 @@ import torch.distributed as dist
 
 import sp_common.api
 from backend_torch import autograd, collectives
+from benchmarks.peers import vllm_omni_sp_sharding
 from sp_common import sp_all_to_all, sp_debug, sp_gather, sp_shard, sp_shard_with_padding
+from sp_common.testing import Timings, interleaved, make_data, to_torch, torch_fences
 
-Timings = dict[str, list[float]]
+# Every timed call starts right after a barrier of all ranks.
+_BARRIER = torch_fences()
 
 
 def _label(shape: Any) -> str:
     return "x".join(map(str, shape))
 
 
-def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> Timings:
-    """Seconds per call of each function, ``repeats`` calls each, interleaved, after a barrier."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            dist.barrier()
-            fns[name]()
-    times: Timings = {name: [] for name in names}
-    for i in range(repeats):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            dist.barrier()
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+def _seeded(shape: Any, seed: int) -> torch.Tensor:
+    """Seeded finite float32 data of ``shape`` (``make_data``)."""
+    return to_torch(make_data(shape, "float32", seed, specials=False))
 
 
 def _rank_shard(shape: tuple[int, ...], dim: int) -> torch.Tensor:
-    """This rank's block of a seeded ``shape`` tensor along ``dim`` (different on every rank)."""
-    g = torch.Generator().manual_seed(dist.get_rank())
-    return torch.randn(shape, generator=g).chunk(dist.get_world_size(), dim)[0].contiguous()
+    """This rank's block along ``dim`` of a ``shape`` tensor: seeded, different on every rank."""
+    local = list(shape)
+    local[dim] //= dist.get_world_size()
+    return _seeded(local, dist.get_rank())
 
 
 def _all_gather_flat(s: torch.Tensor) -> torch.Tensor:
@@ -62,7 +54,7 @@ def gather_flat(shape: tuple[int, ...], repeats: int) -> Timings:
     same bytes into an output allocated per call (as ``sp_gather`` does)."""
     s = _rank_shard(shape, 1)
     fns = {"sp_gather": partial(sp_gather, s, 1), "all_gather_single": partial(_all_gather_flat, s)}
-    return interleaved(fns, repeats)
+    return interleaved(fns, repeats, fences=_BARRIER)
 
 
 def gather_batched(shape: tuple[int, ...], repeats: int) -> Timings:
@@ -86,13 +78,13 @@ def gather_batched(shape: tuple[int, ...], repeats: int) -> Timings:
 
     assert torch.equal(peer(), sp_gather(s, 1))
     fns = {"sp_gather": lambda: sp_gather(s, 1), "all_gather+cat": peer, "raw dim 0": raw_dim0}
-    return interleaved(fns, repeats)
+    return interleaved(fns, repeats, fences=_BARRIER)
 
 
 def shard_copy(shape: tuple[int, ...], repeats: int) -> Timings:
     """``sp_shard`` on dim 1 vs ``narrow(...).contiguous()`` (a view when the dims before are 1)
     and ``narrow(...).clone()`` (always a copy, as ``sp_shard``)."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x = _seeded(shape, 0)
     n, r = dist.get_world_size(), dist.get_rank()
     length = shape[1] // n
     fns = {
@@ -100,7 +92,7 @@ def shard_copy(shape: tuple[int, ...], repeats: int) -> Timings:
         "narrow.contiguous": lambda: x.narrow(1, r * length, length).contiguous(),
         "narrow.clone": lambda: x.narrow(1, r * length, length).clone(),
     }
-    return interleaved(fns, repeats)
+    return interleaved(fns, repeats, fences=_BARRIER)
 
 
 def padded_shard(shape: tuple[int, ...], peer: bool, repeats: int) -> Timings:
@@ -109,9 +101,7 @@ def padded_shard(shape: tuple[int, ...], peer: bool, repeats: int) -> Timings:
     vs vLLM-Omni's ``sp_shard_with_padding`` (pads the whole tensor, returns a view of it; empty
     Timings when it is not installed). Two separate runs: the peer's full-size allocations
     would otherwise disturb the small candidates they are interleaved with."""
-    from peers import vllm_omni_sp_sharding
-
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x = _seeded(shape, 0)
     n, r = dist.get_world_size(), dist.get_rank()
     chunk = -(-shape[1] // n)
     start, real = r * chunk, max(0, min(chunk, shape[1] - r * chunk))
@@ -126,45 +116,48 @@ def padded_shard(shape: tuple[int, ...], peer: bool, repeats: int) -> Timings:
     }
     if not peer:
         fns["one chunk"] = least
-        return interleaved(fns, repeats)
+        return interleaved(fns, repeats, fences=_BARRIER)
     module = vllm_omni_sp_sharding()
     if module is None:
         return {}
     fns["vllm-omni"] = lambda: module.sp_shard_with_padding(x, 1)
-    return interleaved(fns, repeats)
+    return interleaved(fns, repeats, fences=_BARRIER)
+
+
+def _repeat(fn: Callable[[], Any], calls: int) -> None:
+    for _ in range(calls):
+        fn()
 
 
 def fixed_cost(calls: int, blocks: int) -> Timings:
     """Seconds per call on a tiny ``[1, 4, 1]`` tensor, rank 0 alone (the others wait in a
     barrier), of ``sp_shard`` and of its layers, to attribute the fixed cost:
 
-    - ``sp_shard``: the public call (dispatch, group, checks, autograd Function, copy)
-    - ``prepare``: dispatch + group resolution + world size + dim normalization
-    - ``autograd.shard``: the autograd Function around ``local_chunk``
+    - ``sp_shard``: the public call (dispatch, group, checks, then ``backend.shard``)
+    - ``resolve``: dispatch + group resolution + world size
+    - ``backend.shard``: the backend's shard of a tensor that needs no grad (a grad check, then
+      ``local_chunk``: no autograd Function)
+    - ``backend.shard (grad)``: the same on a tensor that requires grad (the autograd Function
+      around ``local_chunk``)
     - ``local_chunk``: ``get_world_size``/``get_rank`` + narrow + clone
     - ``narrow.clone``: the copy alone
     """
     x = torch.arange(4.0).reshape(1, 4, 1)
+    needs_grad = x.clone().requires_grad_()
     g = dist.group.WORLD
     fns: dict[str, Callable[[], Any]] = {
         "sp_shard": lambda: sp_shard(x, 1),
-        "prepare": lambda: sp_common.api.prepare("sp_shard", x, 1, None),
-        "autograd.shard": lambda: autograd.shard(x, 1, g),
+        "resolve": lambda: sp_common.api.resolve("sp_shard", x, None),
+        "backend.shard": lambda: autograd.shard(x, 1, g, "gather"),
+        "backend.shard (grad)": lambda: autograd.shard(needs_grad, 1, g, "gather"),
         "local_chunk": lambda: collectives.local_chunk(x, 1, g),
         "narrow.clone": lambda: x.narrow(1, 0, 1).clone(),
     }
     times: Timings = {name: [] for name in fns}
-    if dist.get_rank() == 0:
-        names = list(fns)
-        for i in range(blocks + 1):  # block 0 warms up
-            k = i % len(names)
-            for name in names[k:] + names[:k]:
-                fn = fns[name]
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                if i:
-                    times[name].append((time.perf_counter() - start) / calls)
+    if dist.get_rank() == 0:  # blocks of ``calls`` calls; one untimed block warms up
+        block = {name: partial(_repeat, fn, calls) for name, fn in fns.items()}
+        for name, ts in interleaved(block, blocks, warmup=1).items():
+            times[name] = [t / calls for t in ts]
     dist.barrier()
     return times
 
@@ -187,7 +180,7 @@ def all_to_all(shape: tuple[int, ...], scatter_dim: int, gather_dim: int, repeat
         return recv.movedim(0, gather_dim).reshape(out)  # a copy unless the dims before are 1
 
     fns = {"sp_all_to_all": lambda: sp_all_to_all(x, scatter_dim, gather_dim), "raw": raw}
-    return interleaved(fns, repeats)
+    return interleaved(fns, repeats, fences=_BARRIER)
 
 
 def debug_cost(shape: tuple[int, ...], repeats: int) -> Timings:
@@ -202,7 +195,8 @@ def debug_cost(shape: tuple[int, ...], repeats: int) -> Timings:
         with sp_debug(False):
             return sp_gather(s, 1)
 
-    return interleaved({"debug on": debug_on, "debug off": debug_off}, repeats)
+    fns = {"debug on": debug_on, "debug off": debug_off}
+    return interleaved(fns, repeats, fences=_BARRIER)
 
 
 def _full_size_allocations(fn: Callable[[], Any], full_bytes: int) -> list[str]:
