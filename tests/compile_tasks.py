@@ -32,8 +32,7 @@ from sp_common import (
     sp_shard_with_padding,
     sp_ulysses_attention,
 )
-
-from .convert import to_numpy, to_torch
+from sp_common.testing.data import to_numpy, to_torch
 
 
 def _compiled(fn: Callable[..., Any], mode: str, backend: str) -> Any:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sp_common.testing.data import to_numpy, to_torch
+
 from .conformance_programs import ROWS
-from .convert import to_numpy, to_torch
 
 
 def gradients(name: str, x: np.ndarray, w: np.ndarray, v: np.ndarray) -> dict[str, np.ndarray]:

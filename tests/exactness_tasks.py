@@ -15,8 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sp_common as sp
 from sp_common import GatherOutput, ShardInput, SPPlan
-
-from .convert import to_numpy, to_torch
+from sp_common.testing.data import to_numpy, to_torch
 
 WIDTH, HEADS = 8, 4
 

@@ -22,12 +22,7 @@ from sp_common import (
     sp_unpad,
     sp_world_size,
 )
-
-from .convert import to_numpy, to_torch
-
-
-def _on(a: np.ndarray, device: str) -> torch.Tensor:
-    return to_torch(a).to(device)
+from sp_common.testing.data import to_numpy, to_torch
 
 
 def data_movement(cases: list[tuple[np.ndarray, int, Any]], device: str) -> list[dict[str, Any]]:
@@ -35,7 +30,7 @@ def data_movement(cases: list[tuple[np.ndarray, int, Any]], device: str) -> list
     the layout of ``torch_tasks.data_movement``; ``"devices"``: the device types of the results."""
     out = []
     for x, dim, pad_value in cases:
-        t = _on(x, device)
+        t = to_torch(x, device)
         results: dict[str, torch.Tensor] = {}
         if x.shape[dim] % sp_world_size(t) == 0:
             results["shard"] = sp_shard(t, dim)
@@ -55,14 +50,14 @@ def gradients(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The gradient of a replicated loss through shard and gather, and the single-device
     gradient of the same loss on this rank's device."""
-    t = _on(x, device).requires_grad_()
+    t = to_torch(x, device).requires_grad_()
     if padded:
         s, p = sp_shard_with_padding(t, dim)
     else:
         s, p = sp_shard(t, dim), 0
-    weights = _on(w, device)
+    weights = to_torch(w, device)
     (sp_gather(s * 3, dim, pad_size=p) * weights).sum().backward()
-    single = _on(x, device).requires_grad_()
+    single = to_torch(x, device).requires_grad_()
     (single * 3 * weights).sum().backward()
     assert t.grad is not None and single.grad is not None
     return to_numpy(t.grad), to_numpy(single.grad)
@@ -80,14 +75,14 @@ def ulysses(
     """Ulysses attention on the sequence-sharded (padded when N does not divide S) q, k, v
     against full attention on this rank's device: outputs and the gradients of q, k, v."""
     seq_len = q.shape[1]
-    sharded = [_on(a, device).requires_grad_() for a in (q, k, v)]
+    sharded = [to_torch(a, device).requires_grad_() for a in (q, k, v)]
     shards = [sp_shard_with_padding(t, 1) for t in sharded]
     out = sp_ulysses_attention(*(s for s, _ in shards), seq_len=seq_len)
     out = sp_gather(out, 1, pad_size=shards[0][1])
-    (out * _on(w, device)).sum().backward()
-    single = [_on(a, device).requires_grad_() for a in (q, k, v)]
+    (out * to_torch(w, device)).sum().backward()
+    single = [to_torch(a, device).requires_grad_() for a in (q, k, v)]
     expected = _full_attention(*single)
-    (expected * _on(w, device)).sum().backward()
+    (expected * to_torch(w, device)).sum().backward()
     return {
         "out": to_numpy(out),
         "expected": to_numpy(expected),

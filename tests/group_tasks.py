@@ -31,8 +31,7 @@ from sp_common import (
     sp_strict,
     sp_world_size,
 )
-
-from .convert import to_numpy, to_torch
+from sp_common.testing.data import to_numpy, to_torch
 
 
 def _dp_sp_mesh() -> DeviceMesh:

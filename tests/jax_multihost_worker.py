@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sp_common as sp
+from sp_common.testing.data import same_bits
 
 
 def main() -> None:
@@ -64,9 +65,7 @@ def main() -> None:
                 "world_size": sizes[0][0],
                 "local_len": sizes[0][1],
                 "forward_bitwise": bool(np.array_equal(local_y, x * 3)),
-                "grad_bitwise": bool(
-                    np.array_equal(local_grad.view(np.uint8), expected_grad.view(np.uint8))
-                ),
+                "grad_bitwise": same_bits(local_grad, expected_grad),
             }
         ),
         flush=True,

@@ -11,8 +11,7 @@ import torch.distributed as dist
 from backend_torch.plan import all_reduce_grads, apply_plan
 from examples.dit import JAX_PLAN, TORCH_PLAN, init_params, torch_model
 from sp_common import sp_group
-
-from .convert import to_numpy, to_torch
+from sp_common.testing.data import to_numpy, to_torch
 
 
 def _single_rank_group() -> dist.ProcessGroup:

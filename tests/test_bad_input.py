@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import sp_common as sp
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
 from . import bad_input_tasks as tasks
-from . import reference as ref
 from .bad_input_tasks import Foreign, Module
 from .bad_input_tasks import Tensor as T
 
@@ -762,7 +762,7 @@ def test_plan_specs_take_numpy_integers_as_sp_shard_does_and_store_them_as_int()
 def test_sequences_shorter_than_the_world_size_round_trip_with_ranks_that_hold_only_padding(
     torch_ranks,
 ) -> None:
-    x = ref.make_input((2, 1), "float32", seed=1)  # S=1 < N=2: rank 1 holds only padding
+    x = ref.make_data((2, 1), "float32", seed=1)  # S=1 < N=2: rank 1 holds only padding
     shards, pad = ref.padded_shards(x, 1, 2, -1.0)
     for rank, r in enumerate(torch_ranks(2).run(tasks.short_sequence, x, 1, -1.0)):
         ref.assert_bitwise(r["padded_shard"], shards[rank], f"torch rank {rank} shard")
@@ -771,7 +771,7 @@ def test_sequences_shorter_than_the_world_size_round_trip_with_ranks_that_hold_o
         assert r["pad"] == pad == 1
         assert r["mask"].tolist() == [rank == 0]
     for length in (1, 3):  # JAX on 4 devices: 3 and 1 ranks of padding only
-        x = ref.make_input((2, length), "float32", seed=length)
+        x = ref.make_data((2, length), "float32", seed=length)
 
         def body(a: jax.Array) -> tuple[jax.Array, ...]:
             shard, pad = sp.sp_shard_with_padding(a, 1, -1.0)

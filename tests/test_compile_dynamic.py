@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sp_common import sp_gather, sp_shard_with_padding
+from sp_common.testing import data as ref
 
 from . import compile_tasks
-from . import reference as ref
 
 pytestmark = pytest.mark.timeout(300)
 LENGTHS = (9, 11)  # 2 ranks pad both by 1: one guard branch, so one graph serves both
@@ -67,9 +67,10 @@ def test_a_padded_ulysses_block_with_a_marked_dynamic_seq_len_compiles_and_equal
     torch_ranks,
 ) -> None:
     # dynamic=True reaches Ulysses through the planned model below (planned_seq_len).
-    rng = np.random.default_rng(3)
     qkvs = [
-        tuple(rng.standard_normal((1, s, 4, 2)).astype(np.float32) for _ in range(3))
+        tuple(
+            ref.make_data((1, s, 4, 2), "float32", seed=3 * s + i, specials=False) for i in range(3)
+        )
         for s in (9, 11)
     ]
     runs = torch_ranks(2).run(compile_tasks.ulysses, qkvs, "mark_dynamic", "aot_eager")

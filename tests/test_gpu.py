@@ -25,11 +25,11 @@ import pytest
 
 import sp_common as sp
 from sp_common.testing import RankPool, cuda_device_count
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of, sharded
 
 from . import gpu_tasks
-from . import reference as ref
-from .test_cross_backend import DIMS, check_against_reference, jax_results, scenarios
+from .test_cross_backend import DIMS, DTYPES, check_against_reference, jax_results, scenarios
 from .test_gradients import finite_inputs
 from .test_ulysses import jax_ulysses
 
@@ -48,7 +48,7 @@ JAX_PLATFORM = "gpu"
 
 def movement_cases() -> list[tuple[np.ndarray, int, Any]]:
     """Every dtype of the cross-backend suite on every dim it checks, lengths 8, 5 and 3."""
-    return [case for dtype in ref.DTYPES for dim in DIMS for case in scenarios(dtype, dim)]
+    return [case for dtype in DTYPES for dim in DIMS for case in scenarios(dtype, dim)]
 
 
 def gradient_cases(n: int) -> list[tuple[tuple[int, ...], int, bool]]:
@@ -63,12 +63,8 @@ def gradient_cases(n: int) -> list[tuple[tuple[int, ...], int, bool]]:
 
 def qkvw(seq_len: int, heads: int) -> tuple[np.ndarray, ...]:
     """Seeded finite q, k, v and loss weights of shape ``[B, seq_len, heads, D]``."""
-    out = []
-    for seed in range(4):
-        a = ref.make_input((B, seq_len, heads, D), "float32", seed=200 + seed)
-        a[~np.isfinite(a)] = 0.5
-        out.append(a)
-    return tuple(out)
+    shape = (B, seq_len, heads, D)
+    return tuple(ref.make_data(shape, "float32", 200 + i, specials=False) for i in range(4))
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import torch
 from jax.sharding import PartitionSpec as P
 
 import sp_common as sp
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of
 
 from . import conformance_tasks
-from . import reference as ref
 from .conformance_programs import ROWS, Row
 
 pytestmark = pytest.mark.timeout(240)
@@ -47,8 +47,8 @@ ELSEWHERE = {"apply_plan": "test_exactness.py, test_plans.py"}
 
 
 def data(row: Row, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x, w, v = (rng.standard_normal(row.shape).astype(np.float32) for _ in range(3))
+    """Seeded finite float32 input, loss weights and tangent of ``row.shape``."""
+    x, w, v = (ref.make_data(row.shape, "float32", 3 * seed + i, specials=False) for i in range(3))
     return x, w, v
 
 
@@ -140,7 +140,7 @@ def test_jax_first_and_second_order_gradients_equal_single_device(name, n, check
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_torch_vmap_runs_each_collective_on_the_whole_batch(n, torch_ranks) -> None:
-    x = np.random.default_rng(3).standard_normal((3, 2, 8, 4)).astype(np.float32)  # [V, B, S, H]
+    x = ref.make_data((3, 2, 8, 4), "float32", seed=3, specials=False)  # [V, B, S, H]
     for rank, got in enumerate(torch_ranks(n).run(conformance_tasks.vmapped_ops, x)):
         chunks = np.split(x, n, axis=2)
         ref.assert_bitwise(got["shard"], chunks[rank], f"rank {rank} vmap shard")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import sp_common as sp
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
-from . import reference as ref
 from . import torch_tasks
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,11 +23,8 @@ pytestmark = pytest.mark.timeout(240)
 
 def finite_inputs(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Seeded input and loss weights (finite: an inf weight would make the gradient NaN)."""
-    x = ref.make_input(shape, "float32", seed=1)
-    x[~np.isfinite(x)] = 0.5
-    w = ref.make_input(shape, "float32", seed=2)
-    w[~np.isfinite(w)] = 0.25
-    return x, w
+    x = ref.make_data(shape, "float32", seed=1, specials=False)
+    return x, ref.make_data(shape, "float32", seed=2, specials=False)
 
 
 CASES = [((2, 8, 3), 1, False), ((8, 3), 0, False), ((2, 10, 3), 1, True), ((3, 2, 3), -1, True)]
@@ -47,9 +44,8 @@ def test_torch_gradient_through_shard_and_gather_equals_single_device_bitwise(
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_torch_reduce_scatter_rule_sums_every_ranks_loss_term(n, torch_ranks) -> None:
-    x = ref.make_input((2, 8), "float32", seed=3)
-    ws = np.stack([ref.make_input((2, 8), "float32", seed=10 + r) for r in range(n)])
-    ws[~np.isfinite(ws)] = 1.0
+    x = ref.make_data((2, 8), "float32", seed=3)
+    ws = np.stack([ref.make_data((2, 8), "float32", 10 + r, specials=False) for r in range(n)])
     expected = np.split(ws.sum(axis=0), n, axis=1)
     for rank, grad in enumerate(torch_ranks(n).run(torch_tasks.reduce_scatter_gradient, x, 1, ws)):
         np.testing.assert_allclose(grad, expected[rank], rtol=1e-6, atol=1e-6)
@@ -90,9 +86,8 @@ def test_jax_gradient_through_shard_and_gather_equals_single_device_bitwise(
 @pytest.mark.parametrize("check_vma", [True, False])
 @pytest.mark.parametrize("n", [2, 4])
 def test_jax_reduce_scatter_rule_sums_every_devices_loss_term(n, check_vma) -> None:
-    x = ref.make_input((2, 8), "float32", seed=3)
-    ws = np.stack([ref.make_input((2, 8), "float32", seed=10 + r) for r in range(n)])
-    ws[~np.isfinite(ws)] = 1.0
+    x = ref.make_data((2, 8), "float32", seed=3)
+    ws = np.stack([ref.make_data((2, 8), "float32", 10 + r, specials=False) for r in range(n)])
 
     def body(s, ws):
         y = sp.sp_gather(s, 1, grad_rule="reduce_scatter")

@@ -23,10 +23,10 @@ import torch
 
 import sp_common as sp
 from backend_jax.plan import apply_plan as jax_apply_plan
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of
 
 from . import group_tasks
-from . import reference as ref
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -262,8 +262,7 @@ def test_the_environment_variable_turns_strict_mode_on_at_import(value, then, ex
 
 # --------------------------------------------------------------------- torch groups (ranks)
 def test_a_1d_device_mesh_is_a_group_for_every_op_by_argument_and_by_block(torch_ranks) -> None:
-    x = ref.make_input((2, 8, 3), "float32", seed=11)
-    x[~np.isfinite(x)] = 1.0
+    x = ref.make_data((2, 8, 3), "float32", seed=11, specials=False)
     for rank, r in enumerate(torch_ranks(4).run(group_tasks.device_mesh_groups, x)):
         pair, me = divmod(rank, 2)  # the ("dp", "sp") mesh: SP groups {0, 1} and {2, 3}
         chunk = np.split(x, 2, axis=1)[me]
@@ -314,8 +313,7 @@ def test_a_2d_device_mesh_and_a_group_this_rank_is_not_in_are_clear_errors(torch
 
 
 def test_a_compiled_function_follows_the_device_mesh_it_is_called_with(torch_ranks) -> None:
-    x = ref.make_input((8,), "float32", seed=12)
-    x[~np.isfinite(x)] = 1.0
+    x = ref.make_data((8,), "float32", seed=12, specials=False)
     results = torch_ranks(4).run(group_tasks.compiled_device_mesh, x, timeout_s=280)
     for rank, r in enumerate(results):
         pair, me = divmod(rank, 2)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sp_common.interop import jax_to_torch, torch_to_jax
+from sp_common.testing.data import bits
 from sp_common.testing.mesh import mesh_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,16 +58,12 @@ def torch_bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-def jax_bits(a: jax.Array) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a)).reshape(-1).view(np.uint8)
-
-
 def assert_round_trip_is_zero_copy_and_bitwise(t: torch.Tensor) -> None:
     a = torch_to_jax(t)
     assert str(a.dtype) == str(t.dtype).removeprefix("torch.")
     assert a.shape == tuple(t.shape)
     assert a.unsafe_buffer_pointer() == t.data_ptr(), "torch_to_jax copied"
-    np.testing.assert_array_equal(jax_bits(a), torch_bits(t))
+    np.testing.assert_array_equal(bits(np.asarray(a)), torch_bits(t))
     back = jax_to_torch(a)
     assert back.dtype == t.dtype and back.shape == t.shape
     assert back.data_ptr() == t.data_ptr(), "jax_to_torch copied"

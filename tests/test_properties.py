@@ -19,9 +19,9 @@ from sp_common.shapes import (
     pad_size_for,
     shard_bounds,
 )
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import run_sharded, spec_on
 
-from . import reference as ref
 from . import torch_tasks
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,7 +88,7 @@ def pad_values(dtype: str) -> st.SearchStrategy[object]:
     if dtype == "bool":
         return st.sampled_from([False, True, 0, 1])
     if dtype.startswith("int"):
-        info = np.iinfo(ref.DTYPES[dtype])
+        info = np.iinfo(ref.numpy_dtype(dtype))
         return st.integers(int(info.min), int(info.max))
     specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.5, -2.0]
     return st.sampled_from(specials)
@@ -103,7 +103,7 @@ cases = st.tuples(
 @given(case=cases, n=st.sampled_from([2, 4, 8]))
 def test_jax_padded_round_trip_matches_the_reference(case, n) -> None:
     (shape, dim), dtype, pad_value = case
-    x = ref.make_input(shape, dtype, seed=sum(shape) + n)
+    x = ref.make_data(shape, dtype, seed=sum(shape) + n)
     pads: list[int] = []
 
     def body(a):
@@ -122,7 +122,7 @@ def test_jax_padded_round_trip_matches_the_reference(case, n) -> None:
 @given(case=cases, n=st.sampled_from([2, 4]))
 def test_torch_padded_round_trip_matches_the_reference(case, n, torch_ranks) -> None:
     (shape, dim), dtype, pad_value = case
-    x = ref.make_input(shape, dtype, seed=sum(shape))
+    x = ref.make_data(shape, dtype, seed=sum(shape))
     results = torch_ranks(n).run(torch_tasks.data_movement, [(x, dim, pad_value)])
     expected, p = ref.padded_shards(x, dim % len(shape), n, pad_value)
     for rank, (r,) in enumerate(results):

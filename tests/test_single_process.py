@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sp_common as sp
-from sp_common.testing.mesh import run_sharded, spec_on
+from sp_common.testing.mesh import mesh_of, run_sharded, spec_on
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,7 +130,7 @@ def test_jax_axis_named_per_call_and_per_block() -> None:
             sp.sp_world_size(a)  # this mesh has no "sp" axis: name the axis, as above
         return by_arg, by_block
 
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("seq",))
+    mesh = mesh_of(4, "seq")
     with jax.set_mesh(mesh):
         fn = jax.shard_map(body, mesh=mesh, in_specs=jax.P(), out_specs=jax.P("seq"))
         by_arg, by_block = jax.jit(fn)(x)

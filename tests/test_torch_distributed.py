@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from . import reference as ref
+from sp_common.testing import data as ref
+
 from . import torch_tasks
 
 pytestmark = pytest.mark.timeout(300)
@@ -15,8 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 def test_torch_compile_fullgraph_traces_shard_padding_and_gather_with_no_graph_break(
     torch_ranks,
 ) -> None:
-    x = ref.make_input((2, 10, 3), "float32", seed=5)
-    x[~np.isfinite(x)] = 1.0
+    x = ref.make_data((2, 10, 3), "float32", seed=5, specials=False)
     for result in torch_ranks(2).run(torch_tasks.compiled_graph_breaks, x, timeout_s=280):
         assert result["frames"] == 1
         assert result["forward_equal"]
@@ -24,7 +24,7 @@ def test_torch_compile_fullgraph_traces_shard_padding_and_gather_with_no_graph_b
 
 
 def test_a_compiled_function_follows_the_group_it_is_called_with(torch_ranks) -> None:
-    x = ref.make_input((8,), "float32", seed=8)
+    x = ref.make_data((8,), "float32", seed=8)
     for rank, r in enumerate(torch_ranks(4).run(torch_tasks.compiled_group_switch, x)):
         half = np.split(x, 2)[rank % 2]
         world = np.split(x, 4)[rank]
@@ -39,7 +39,7 @@ def test_a_compiled_function_follows_the_group_it_is_called_with(torch_ranks) ->
 
 
 def test_sub_groups_by_argument_and_by_block_shard_within_each_group(torch_ranks) -> None:
-    x = ref.make_input((8, 3), "float32", seed=6)
+    x = ref.make_data((8, 3), "float32", seed=6)
     results = torch_ranks(4).run(torch_tasks.subgroups, x)
     halves = np.split(x, 2, axis=0)
     for rank, r in enumerate(results):
@@ -63,7 +63,7 @@ def test_debug_mode_passes_when_ranks_agree(torch_ranks) -> None:
 def test_validator_pads_on_shard_unpads_on_gather_and_reports_the_forgotten_name(
     torch_ranks,
 ) -> None:
-    x = ref.make_input((2, 7, 3), "float32", seed=7)
+    x = ref.make_data((2, 7, 3), "float32", seed=7)
     for r in torch_ranks(4).run(torch_tasks.validator_roundtrip, x):
         ref.assert_bitwise(r["out"], x, "validator round trip")
         assert r["shard_len"] == 2

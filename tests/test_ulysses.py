@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sp_common as sp
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
-from . import reference as ref
 from . import torch_tasks
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,12 +21,10 @@ B, H, D = 2, 8, 4
 
 
 def qkvw(seq_len: int) -> tuple[np.ndarray, ...]:
-    out = []
-    for seed in range(4):
-        a = ref.make_input((B, seq_len, H, D), "float32", seed=100 + seed)
-        a[~np.isfinite(a)] = 0.5
-        out.append(a)
-    return tuple(out)
+    """Seeded finite q, k, v and loss weights of shape ``[B, seq_len, H, D]``."""
+    return tuple(
+        ref.make_data((B, seq_len, H, D), "float32", 100 + i, specials=False) for i in range(4)
+    )
 
 
 def jax_ulysses(n: int, q, k, v, w):

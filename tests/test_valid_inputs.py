@@ -27,9 +27,9 @@ import torch
 
 import sp_common as sp
 from backend_torch.collectives import _as_bytes, _movable
+from sp_common.testing import data as ref
 from sp_common.testing.mesh import mesh_of, sharded, spec_on
 
-from . import reference as ref
 from . import valid_input_tasks as tasks
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,7 +46,7 @@ def small_values(shape: tuple[int, ...], dtype: str, seed: int) -> np.ndarray:
     flat = x.reshape(-1)
     if dtype != "int32":
         flat[[1, 5, 7]] = (np.nan, -0.0, np.inf)
-    return x.astype(ref.DTYPES.get(dtype, dtype))
+    return x.astype(ref.numpy_dtype(dtype))
 
 
 def small_complex(shape: tuple[int, ...], seed: int) -> np.ndarray:

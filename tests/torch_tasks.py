@@ -23,8 +23,7 @@ from sp_common import (
     sp_unpad,
     sp_world_size,
 )
-
-from .convert import to_numpy, to_torch
+from sp_common.testing.data import to_numpy, to_torch
 
 
 def data_movement(cases: list[tuple[np.ndarray, int, Any]]) -> list[dict[str, Any]]:

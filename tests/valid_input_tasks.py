@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 from sp_common import sp_all_to_all, sp_gather, sp_reduce_scatter, sp_shard, sp_shard_with_padding
-
-from .convert import to_numpy, to_torch
+from sp_common.testing.data import to_numpy, to_torch
 
 
 def _odd_strides(a: np.ndarray) -> torch.Tensor:
