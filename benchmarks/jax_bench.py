@@ -21,10 +21,6 @@ from jax.sharding import PartitionSpec as P
 from sp_common import sp_all_to_all, sp_gather
 from sp_common.testing import Timings, interleaved, jax_fences, make_data
 
-# The timed candidates return their array in a 1-tuple: jax_fences' wait computes
-# ``block_until_ready(result) and None``, the truth value of the result, which raises for an array
-# of more than one element (a non-empty tuple is true).
-
 
 def hlo_ops(fn: Any, *args: Any) -> dict[str, int]:
     """How many collectives, copies and fusions the compiled (optimized) HLO of ``fn`` holds,
@@ -46,7 +42,7 @@ def gather_vs_reshard(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
     with jax.set_mesh(mesh):
         assert np.array_equal(np.asarray(ours(x)), np.asarray(reshard(x)), equal_nan=True)
         hlo = {"sp_gather": hlo_ops(ours, x), "reshard": hlo_ops(reshard, x)}
-        fns = {"sp_gather": lambda: (ours(x),), "reshard": lambda: (reshard(x),)}
+        fns = {"sp_gather": lambda: ours(x), "reshard": lambda: reshard(x)}
         times = interleaved(fns, repeats, fences=jax_fences())
     return times, hlo
 
@@ -65,6 +61,6 @@ def all_to_all_vs_raw(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
     with jax.set_mesh(mesh):
         assert np.array_equal(np.asarray(ours(x)), np.asarray(raw(x)))
         hlo = {"sp_all_to_all": hlo_ops(ours, x), "lax.all_to_all": hlo_ops(raw, x)}
-        fns = {"sp_all_to_all": lambda: (ours(x),), "lax.all_to_all": lambda: (raw(x),)}
+        fns = {"sp_all_to_all": lambda: ours(x), "lax.all_to_all": lambda: raw(x)}
         times = interleaved(fns, repeats, fences=jax_fences())
     return times, hlo

@@ -88,4 +88,7 @@ def jax_fences() -> Fences:
     """Each call waited for with ``jax.block_until_ready``. Imports JAX."""
     import jax
 
-    return Fences(_nothing, lambda result: jax.block_until_ready(result) and None)
+    def wait(result: Any) -> None:
+        jax.block_until_ready(result)
+
+    return Fences(_nothing, wait)
