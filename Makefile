@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy sp_common backend_torch backend_jax
+	$(PY) -m mypy sp_common backend_torch backend_jax benchmarks examples
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

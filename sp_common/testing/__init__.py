@@ -4,6 +4,7 @@ comparison, one timing loop and one table writer. Used by this project's tests, 
 examples and ``sp-compare``; numpy and ml_dtypes only (frameworks are imported when used).
 Names load lazily: ``from sp_common.testing import RankPool`` imports only :mod:`.ranks`.
 
+- :mod:`.attention`: the float64 numpy reference of attention, forward and gradients.
 - :mod:`.ranks`: :class:`RankPool`, persistent torch ranks with deadlines.
 - :mod:`.data`: :func:`make_data`, the numpy references, :func:`assert_bitwise`, converters.
 - :mod:`.mesh`: JAX meshes and ``jit(shard_map(...))`` over the first n devices.
@@ -17,12 +18,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .attention import AttentionGrads, reference_attention, reference_attention_grads
     from .data import (
         DTYPES,
         FLOAT_DTYPES,
         all_to_all,
         assert_bitwise,
-        attention,
         bits,
         make_data,
         numpy_dtype,
@@ -60,11 +61,13 @@ if TYPE_CHECKING:
     )
 
 _MODULE_OF = {
+    "AttentionGrads": "attention",
+    "reference_attention": "attention",
+    "reference_attention_grads": "attention",
     "DTYPES": "data",
     "FLOAT_DTYPES": "data",
     "all_to_all": "data",
     "assert_bitwise": "data",
-    "attention": "data",
     "bits": "data",
     "make_data": "data",
     "numpy_dtype": "data",
@@ -94,6 +97,7 @@ _MODULE_OF = {
 }
 
 __all__ = [
+    "AttentionGrads",
     "DTYPES",
     "FLOAT_DTYPES",
     "Fences",
@@ -102,7 +106,6 @@ __all__ = [
     "Timings",
     "all_to_all",
     "assert_bitwise",
-    "attention",
     "bits",
     "cuda_device_count",
     "format_table",
@@ -115,6 +118,8 @@ __all__ = [
     "pad_size",
     "padded_shards",
     "reduce_scatter",
+    "reference_attention",
+    "reference_attention_grads",
     "run_sharded",
     "same_bits",
     "sharded",

@@ -7,7 +7,6 @@ torch or JAX only when called. Tests, benchmarks, examples and ``sp-compare`` al
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,6 @@ __all__ = [
     "FLOAT_DTYPES",
     "all_to_all",
     "assert_bitwise",
-    "attention",
     "bits",
     "make_data",
     "numpy_dtype",
@@ -109,28 +107,6 @@ def reduce_scatter(stacked: np.ndarray, dim: int) -> list[np.ndarray]:
     for j in range(1, stacked.shape[0]):
         total = total + stacked[j]
     return np.split(total, stacked.shape[0], axis=dim)
-
-
-def attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int = 0, stop: int | None = None
-) -> np.ndarray:
-    """float64 softmax attention of query positions ``[start, stop)`` over every key.
-
-    Shapes: q, k, v ``[B, S, H, D]`` -> ``[B, stop - start, H, D]``; scale ``1/sqrt(D)``. Query
-    rows go in blocks, so the scores never take more than about 256 MiB.
-    """
-    q, k, v = (a.astype(np.float64) for a in (q, k, v))
-    batch, seq, heads, _ = k.shape
-    stop = q.shape[1] if stop is None else stop
-    rows = max(1, (1 << 25) // (batch * heads * seq))
-    out = []
-    for lo in range(start, stop, rows):
-        block_q = q[:, lo : min(lo + rows, stop)]
-        scores = np.einsum("bqhd,bkhd->bhqk", block_q, k) / math.sqrt(q.shape[-1])
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out.append(np.einsum("bhqk,bkhd->bqhd", scores, v))
-    return np.concatenate(out, axis=1)
 
 
 # ------------------------------------------------------------------------------- comparison
