@@ -17,6 +17,7 @@ from sp_common.shapes import DtypeInfo, is_axis_name
 from sp_common.strict import strict_enabled, strict_error
 
 from . import autograd
+from .attention import attention as local_attention
 from .collectives import AxisName
 
 DEFAULT_AXIS = "sp"
@@ -134,16 +135,16 @@ class JaxBackend(Backend[AxisName]):
     def valid_mask(self, like: jax.Array, total: int, valid: int) -> jax.Array:
         return jnp.arange(total) < valid
 
-    def attention(
-        self,
-        q: jax.Array,
-        k: jax.Array,
-        v: jax.Array,
-        key_mask: jax.Array | None,
-        scale: float | None,
-    ) -> jax.Array:
-        mask = None if key_mask is None else key_mask.reshape(1, 1, 1, -1)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    attention = staticmethod(local_attention)
+
+    def repeat_interleave(self, x: jax.Array, dim: int, repeats: int) -> jax.Array:
+        return jnp.repeat(x, repeats, axis=dim)
+
+    def reshape(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return x.reshape(shape)
+
+    def logical_and(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return a & b
 
     def pad_end(self, x: jax.Array, dim: int, pad: int, value: Any) -> jax.Array:
         config = [(0, 0, 0)] * x.ndim

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from sp_common.backend import Backend
@@ -17,6 +16,7 @@ from sp_common.shapes import DtypeInfo
 from sp_common.strict import strict_enabled, strict_enabled_traceable, strict_error
 
 from . import autograd, collectives
+from .attention import attention as local_attention
 
 
 def default_group() -> dist.ProcessGroup | None:
@@ -151,19 +151,16 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
     def valid_mask(self, like: torch.Tensor, total: int, valid: int) -> torch.Tensor:
         return torch.arange(total, device=like.device) < valid
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        scale: float | None,
-    ) -> torch.Tensor:
-        mask = None if key_mask is None else key_mask.view(1, 1, 1, -1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-        )
-        return out.transpose(1, 2)
+    attention = staticmethod(local_attention)
+
+    def repeat_interleave(self, x: torch.Tensor, dim: int, repeats: int) -> torch.Tensor:
+        return x.repeat_interleave(repeats, dim)
+
+    def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(shape)
+
+    def logical_and(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a & b
 
     def pad_end(self, x: torch.Tensor, dim: int, pad: int, value: Any) -> torch.Tensor:
         fill_shape = list(x.shape)

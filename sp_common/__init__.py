@@ -4,7 +4,7 @@
 """
 
 from .api import sp_gather, sp_rank, sp_shard, sp_shard_with_padding, sp_unpad, sp_world_size
-from .attention import sp_padding_mask, sp_ulysses_attention
+from .attention import sp_attention, sp_padding_mask, sp_ulysses_attention
 from .debug import sp_debug
 from .exchange import sp_all_to_all, sp_reduce_scatter
 from .groups import sp_group
@@ -32,6 +32,7 @@ __all__ = [
     "get_sharding_validator",
     "jax_to_torch",
     "planned_seq_len",
+    "sp_attention",
     "sp_all_to_all",
     "sp_debug",
     "sp_gather",

@@ -96,9 +96,30 @@ class Backend(Generic[GroupT]):
         ``like``'s device; JAX: placed by the enclosing computation)."""
         raise NotImplementedError
 
-    def attention(self, q: Any, k: Any, v: Any, key_mask: Any, scale: float | None) -> Any:
-        """Softmax attention on ``[B, S, H, D]`` inputs; ``key_mask`` (bool ``[S]`` or None)
-        marks the keys that take part. Returns ``[B, S, H, D]``."""
+    def attention(
+        self, q: Any, k: Any, v: Any, *, scale: float, causal: bool, key_mask: Any
+    ) -> Any:
+        """Local softmax attention, the kernel every strategy calls.
+
+        Shapes: q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` ->
+        ``[B, Sq, Hq, Dv]`` in q's dtype, with ``Hkv`` dividing ``Hq`` (query head h reads
+        key/value head ``h // (Hq / Hkv)``). Query i attends key j where ``key_mask[b, j]``
+        (bool ``[B | 1, Sk]``; None: every key) and, if ``causal``, ``j <= i``. A query with no
+        key to attend gets zeros (and zero gradients). Accurate to the dtype: half types
+        accumulate in float32, float64 in float64."""
+        raise NotImplementedError
+
+    def repeat_interleave(self, x: Any, dim: int, repeats: int) -> Any:
+        """Each element of ``dim`` repeated ``repeats`` times in place (``[a, b] -> [a, a, b,
+        b]``). Backward: the sum over the repeats."""
+        raise NotImplementedError
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        """``x`` with ``shape`` (one ``-1`` allowed)."""
+        raise NotImplementedError
+
+    def logical_and(self, a: Any, b: Any) -> Any:
+        """Elementwise ``a & b`` of bool tensors, broadcast."""
         raise NotImplementedError
 
     def pad_end(self, x: Any, dim: int, pad: int, value: Any) -> Any:

@@ -139,6 +139,7 @@ CALLS: dict[str, Callable[..., Any]] = {
     "sp_reduce_scatter": sp.sp_reduce_scatter,
     "sp_padding_mask": sp.sp_padding_mask,
     "sp_ulysses_attention": sp.sp_ulysses_attention,
+    "sp_attention": sp.sp_attention,
     "sp_world_size": sp.sp_world_size,
     "sp_rank": sp.sp_rank,
     "sp_group (then sp_world_size inside)": _in_sp_group,

@@ -3,9 +3,10 @@ operators torch tensors and JAX arrays share (``*``, ``**``, ``.sum()``), so the
 on torch ranks, on a JAX mesh and, at world size 1, as the single-device program.
 
 ``program(x, w) -> loss``: ``x`` is replicated (the same on every rank), ``w`` a fixed weight of
-``x``'s shape (of the output's shape, for ``ulysses``). A *replicated* program's loss is the same
-on every rank; a *per-rank* program returns this rank's term of the loss (the loss is the sum of
-the terms). Cubes make the second derivative non-trivial (``d2/dx2 x**3 = 6x``).
+``x``'s shape (of the output's shape, for ``ulysses`` and ``attention``). A *replicated*
+program's loss is the same on every rank; a *per-rank* program returns this rank's term of the
+loss (the loss is the sum of the terms). Cubes make the second derivative non-trivial
+(``d2/dx2 x**3 = 6x``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from sp_common import (
     sp_all_to_all,
+    sp_attention,
     sp_gather,
     sp_reduce_scatter,
     sp_shard,
@@ -67,6 +69,16 @@ def ulysses(x: Any, w: Any) -> Any:
     return (sp_gather(out, 1, pad_size=p) * w).sum()
 
 
+def attention(x: Any, w: Any) -> Any:
+    # Causal, grouped KV heads (6 query heads, 3 key/value heads: padded heads on 4 ranks),
+    # a padded sequence.
+    s, p = sp_shard_with_padding(x, 1)
+    kv = s[:, :, :3]
+    with _math_attention(x):
+        out = sp_attention(s, kv * 0.5, kv**2, causal=True, seq_len=x.shape[1])
+    return (sp_gather(out, 1, pad_size=p) * w).sum()
+
+
 def _math_attention(x: Any) -> Any:
     """torch: SDPA's math kernel, the one with a double backward (the fused CPU kernels have
     none: grad of grad through them raises "derivative ... is not implemented")."""
@@ -96,4 +108,5 @@ ROWS: dict[str, Row] = {
     "reduce_scatter": Row(reduce_scatter, ("sp_reduce_scatter", "sp_gather"), (2, 8, 3)),
     "per_rank_terms": Row(per_rank_terms, ("sp_shard", "sp_gather"), (2, 8, 3), per_rank=True),
     "ulysses": Row(ulysses, ("sp_ulysses_attention",), (1, 10, 4, 3), bitwise=False),
+    "attention": Row(attention, ("sp_attention",), (1, 10, 6, 3), bitwise=False),
 }

@@ -63,6 +63,7 @@ TENSOR_FUNCTIONS: list[tuple[str, tuple[Any, ...], tuple[str, ...]]] = [
 ]
 X = T((2, 4))  # a float32 tensor every rank can shard on dim 1 at world sizes 1 and 2
 Q = T((1, 4, 2, 3))  # Ulysses [B, s, H, D]
+ATTENTION = ("sp_attention", "sp_ulysses_attention")
 
 
 def wrong_type_cases() -> list[Case]:
@@ -76,6 +77,7 @@ def wrong_type_cases() -> list[Case]:
             ("sp_world_size", (value,), ()),
             ("sp_rank", (value,), ()),
             ("sp_ulysses_attention", (value, Q, Q), ()),
+            ("sp_attention", (value, Q, Q), ()),
         ]
         for call, args, names in calls:
             says = ("must be a torch.Tensor or jax.Array", shown)
@@ -83,7 +85,8 @@ def wrong_type_cases() -> list[Case]:
         for slot in ("k", "v"):
             args = (Q, value, Q) if slot == "k" else (Q, Q, value)
             says = (shown,)
-            cases.append(Case(f"{label} {slot}", "sp_ulysses_attention", args, TypeError, says))
+            for call in ATTENTION:
+                cases.append(Case(f"{label} {slot}", call, args, TypeError, says))
     return cases
 
 
@@ -105,12 +108,9 @@ def zero_d_and_dim_cases() -> list[Case]:
             label = f"dim {type(bad_dim).__name__}"
             cases.append(Case(label, call, tuple(args), TypeError, says, names=names))
     cases += [
-        Case(
-            "0-d q",
-            "sp_ulysses_attention",
-            (T(()), Q, Q),
-            ValueError,
-            ("must be [B, S/N, H, D]", "got shapes ()"),
+        *(
+            Case("0-d q", call, (T(()), Q, Q), ValueError, ("q must be [B, s, Hq, D]", "got q ()"))
+            for call in ATTENTION
         ),
         Case("gather_dim 2", "sp_all_to_all", (X, 0, 2), ValueError, ("dim=2 is out of range",)),
         Case("gather_dim None", "sp_all_to_all", (X, 0, None), TypeError, ("got None",)),
@@ -199,13 +199,6 @@ def divisibility_cases() -> list[Case]:
             ValueError,
             ("'h' needed 1 elements of padding", "track()"),
             kwargs={"validate_divisible": False},
-        ),
-        Case(
-            "3 heads",
-            "sp_ulysses_attention",
-            (T((1, 4, 3, 2)),) * 3,
-            ValueError,
-            ("head count 3", "world size 2"),
         ),
     ]
     return [dataclasses.replace(c, worlds=(2,)) for c in cases]
@@ -450,52 +443,43 @@ def argument_cases() -> list[Case]:
             ValueError,
             ("'h' was sharded on dim 0", "gathered on dim 1"),
         ),
-        # Ulysses shapes, lengths and dtypes
-        Case(
-            "3-d k", "sp_ulysses_attention", (Q, T((1, 4, 2)), Q), ValueError, ("[B, S/N, H, D]",)
-        ),
-        Case(
-            "other s",
-            "sp_ulysses_attention",
-            (Q, T((1, 2, 2, 3)), Q),
-            ValueError,
-            ("(1, 2, 2, 3)",),
-        ),
-        Case(
-            "seq_len 0",
-            "sp_ulysses_attention",
-            (Q, Q, Q),
-            ValueError,
-            ("seq_len=0",),
-            {"seq_len": 0},
-        ),
-        Case(
-            "seq_len 99",
-            "sp_ulysses_attention",
-            (Q, Q, Q),
-            ValueError,
-            ("seq_len=99",),
-            {"seq_len": 99},
-        ),
-        Case(
-            "seq_len 2.0",
-            "sp_ulysses_attention",
-            (Q, Q, Q),
-            TypeError,
-            ("seq_len must be an int",),
-            {"seq_len": 2.0},
-        ),
     ]
-    ulysses_checked = [
+    # attention shapes, lengths, dtypes, masks and options (both entry points)
+    attention_checked = [
+        ("3-d k", (Q, T((1, 4, 2)), Q), {}, ValueError, "k [B, s, Hkv, D]"),
+        ("other s", (Q, T((1, 2, 2, 3)), Q), {}, ValueError, "(1, 2, 2, 3)"),
+        ("seq_len 0", (Q, Q, Q), {"seq_len": 0}, ValueError, "seq_len=0"),
+        ("seq_len 99", (Q, Q, Q), {"seq_len": 99}, ValueError, "seq_len=99"),
+        ("seq_len 2.0", (Q, Q, Q), {"seq_len": 2.0}, TypeError, "seq_len must be an int"),
         ("int32", (T((1, 4, 2, 3), "int32"),) * 3, {}, TypeError, "int32"),
         ("bool", (T((1, 4, 2, 3), "bool"),) * 3, {}, TypeError, "bool"),
         ("complex64", (T((1, 4, 2, 3), "complex64"),) * 3, {}, TypeError, "complex64"),
         ("float16 k", (Q, T((1, 4, 2, 3), "float16"), Q), {}, TypeError, "float16"),
         ("head size 5 k", (Q, T((1, 4, 2, 5)), Q), {}, ValueError, "(1, 4, 2, 5)"),
+        ("3 q heads, 2 kv", (T((1, 4, 3, 3)), Q, Q), {}, ValueError, "grouped-query"),
         ("scale 'x'", (Q, Q, Q), {"scale": "x"}, TypeError, "scale='x'"),
+        ("scale inf", (Q, Q, Q), {"scale": math.inf}, ValueError, "scale=inf is not finite"),
+        ("causal 1", (Q, Q, Q), {"causal": 1}, TypeError, "causal must be a bool, got 1"),
+        ("float key_mask", (Q, Q, Q), {"key_mask": X}, TypeError, "key_mask must be bool"),
+        ("key_mask [1, 3]", (Q, Q, Q), {"key_mask": T((1, 3), "bool")}, ValueError, "(1, 3)"),
+        ("key_mask [4, 1]", (Q, Q, Q), {"key_mask": T((4, 1), "bool")}, ValueError, "[s] = (4,)"),
+        ("numpy key_mask", (Q, Q, Q), {"key_mask": np.ones(4, bool)}, TypeError, "ndarray"),
     ]
-    for label, args, kwargs, error, value in ulysses_checked:
-        cases.append(Case(label, "sp_ulysses_attention", args, error, (value,), kwargs))
+    for label, args, kwargs, error, value in attention_checked:
+        for call in ATTENTION:
+            cases.append(Case(label, call, args, error, (value,), kwargs))
+    for strategy, error in (("ring", ValueError), (None, ValueError), (1, ValueError)):
+        says = (f"strategy={strategy!r}", "'ulysses'")
+        cases.append(
+            Case(
+                f"strategy {strategy!r}",
+                "sp_attention",
+                (Q, Q, Q),
+                error,
+                says,
+                {"strategy": strategy},
+            )
+        )
     return cases
 
 
@@ -563,6 +547,7 @@ def interop_cases() -> list[Case]:
             ("sp_ulysses_attention",),
             **one,
         ),
+        Case("foreign k", "sp_attention", (Q, Foreign(Q), Q), TypeError, ("sp_attention",), **one),
     ]
 
 

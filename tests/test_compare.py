@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sp_common.compare.cases import DTYPES, FLOAT_DTYPES, OPS, ULYSSES_JAX_FAILS, Case
+from sp_common.compare.cases import DTYPES, FLOAT_DTYPES, OPS, Case
 from sp_common.compare.cli import CompareError, Progress, parse_args, plan
 
 pytestmark = pytest.mark.timeout(180)
@@ -83,19 +83,12 @@ def test_every_dtype_runs_every_op_it_offers_correctly_and_notes_what_it_leaves_
     rows = table_rows(result.stdout)
     assert all(r[3] == "yes" for r in rows), result.stdout
     ran = {r[0] for r in rows}
-    if dtype in FLOAT_DTYPES and dtype not in ULYSSES_JAX_FAILS:
+    if dtype in FLOAT_DTYPES:
         assert ran == set(OPS)
     else:
         assert ran == set(OPS) - {"ulysses"}
         assert "sp-compare: note: left out ulysses: ulysses " in result.stderr, result.stderr
         assert f"not {dtype}" in result.stderr
-
-
-@pytest.mark.parametrize("dtype", sorted(ULYSSES_JAX_FAILS))
-def test_ulysses_refused_on_jax_in_a_dtype_runs_correctly_on_torch_alone(dtype: str) -> None:
-    result = sp_compare(*SMALL, "--dtype", dtype, "--ops", "ulysses", "--backends", "torch")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [(r[0], r[1], r[3]) for r in table_rows(result.stdout)] == [("ulysses", "torch", "yes")]
 
 
 @pytest.mark.parametrize(
@@ -110,15 +103,6 @@ def test_ulysses_refused_on_jax_in_a_dtype_runs_correctly_on_torch_alone(dtype: 
         (["--dim", "3"], "--dim 3: out of range"),
         (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
         (["--ops", "ulysses", "--dtype", "int32"], "ulysses needs a float dtype"),
-        (
-            [*SMALL, "--ops", "shard,ulysses", "--dtype", "float16"],
-            "--ops ulysses: ulysses on the jax backend runs in float32 or bfloat16 only, not "
-            "float16 (JAX attention raises for float16 on the CPU",
-        ),
-        (
-            [*SMALL, "--ops", "ulysses", "--dtype", "float64"],
-            "not float64 (JAX attention takes the softmax in float32",
-        ),
         (["--shape", "1,x,8"], "--shape '1,x,8': not a list of integers"),
         (["--world-size", "two"], "argument --world-size/-n: invalid int value"),
         (["--json", "/no/such/folder/c.json"], "--json /no/such/folder/c.json"),

@@ -10,6 +10,7 @@ instead of slowing it down.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -226,14 +227,36 @@ MISMATCHES = [
         "ranks pass different scales",
         "sp_ulysses_attention",
         ((Q, Q, Q), (Q, Q, Q)),
-        ("scale=0.5", "scale=None"),
+        ("scale=0.5", "scale=0.57735"),
         ({"scale": 0.5}, {}),
     ),
     Mismatch(
-        "rank 1's head count is not divisible",
+        "rank 1's q heads are not a multiple of its kv heads",
         "sp_ulysses_attention",
-        ((T((1, 4, 2, 3)),) * 3, (T((1, 4, 3, 3)),) * 3),
-        ("head count 3", ONLY_RANK_1),
+        ((Q, Q, Q), (T((1, 4, 3, 3)), Q, Q)),
+        ("grouped-query", ONLY_RANK_1),
+    ),
+    # sp_attention
+    Mismatch(
+        "ranks pass different causal flags",
+        "sp_attention",
+        ((Q, Q, Q), (Q, Q, Q)),
+        ("causal=True", "causal=False"),
+        ({"causal": True}, {}),
+    ),
+    Mismatch(
+        "only rank 1 passes a key mask",
+        "sp_attention",
+        ((Q, Q, Q), (Q, Q, Q)),
+        ("key_mask",),
+        ({}, {"key_mask": T((1, 4), "bool")}),
+    ),
+    Mismatch(
+        "rank 1 names an unknown strategy",
+        "sp_attention",
+        ((Q, Q, Q), (Q, Q, Q)),
+        ("strategy='ring'", ONLY_RANK_1),
+        ({}, {"strategy": "ring"}),
     ),
     Mismatch(
         "rank 1's seq_len is out of range",
@@ -306,6 +329,11 @@ AGREEMENTS = [
         ((Q, Q, Q), (Q, Q, Q)),
         ({"seq_len": 8, "scale": 0.5}, {"scale": 0.5}),
     ),
+    (
+        "sp_attention",
+        ((Q, Q, Q), (Q, Q, Q)),
+        ({"seq_len": 8, "scale": 1 / math.sqrt(3), "causal": False}, {"strategy": "ulysses"}),
+    ),
     ("sp_padding_mask", ((X, 5), (X, 5)), ({}, {"local": True})),
 ]
 
@@ -321,7 +349,7 @@ def test_ranks_that_agree_run_in_debug_mode(torch_ranks, call, args, kwargs) -> 
     [
         ("sp_shard", (T((2, 5, 3)), 1), "ValueError", "size 5 of dim 1"),
         ("sp_gather", (X, 1.0), "TypeError", "dim must be an int"),
-        ("sp_ulysses_attention", (T((1, 4, 3, 3)),) * 3, "ValueError", "head count 3"),
+        ("sp_ulysses_attention", (T((1, 4, 3, 3)), Q, Q), "ValueError", "grouped-query"),
     ],
     ids=["sp_shard", "sp_gather", "sp_ulysses_attention"],
 )

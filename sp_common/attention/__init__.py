@@ -1,9 +1,12 @@
 """Attention over a sequence-sharded input, written once over the backend primitives.
 
-Strategies (``ulysses`` today) share one contract: the result equals full attention over the
-unsharded sequence at the real positions, forward and gradients.
+:func:`sp_attention` is the entry point; every strategy (``ulysses`` today) has one contract:
+the result equals full attention over the unsharded sequence at the real positions, forward and
+gradients. ``checks`` holds the shared argument checks, ``masks`` the key masks, ``heads`` how
+heads split over ranks, ``ulysses`` the strategy.
 """
 
-from .ulysses import sp_padding_mask, sp_ulysses_attention
+from .api import sp_attention, sp_ulysses_attention
+from .masks import sp_padding_mask
 
-__all__ = ["sp_padding_mask", "sp_ulysses_attention"]
+__all__ = ["sp_attention", "sp_padding_mask", "sp_ulysses_attention"]

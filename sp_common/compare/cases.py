@@ -24,13 +24,6 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPES = (*FLOAT_DTYPES, "int32", "int64", "int8", "bool")
 # Ulysses outputs are checked against float64 numpy attention: |out - ref| <= tol + tol * |ref|.
 ULYSSES_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
-# Why JAX's attention (jax.nn.dot_product_attention, under sp_ulysses_attention) fails that check
-# in these float dtypes; sp-compare refuses them for ulysses on JAX. torch passes in every one.
-ULYSSES_JAX_FAILS = {
-    "float16": "JAX attention raises for float16 on the CPU (no float16 dot with float32 sums)",
-    "float64": "JAX attention takes the softmax in float32: about 1e-7 off, tolerance 1e-10",
-}
-ULYSSES_JAX_DTYPES = tuple(d for d in FLOAT_DTYPES if d not in ULYSSES_JAX_FAILS)
 
 ITEMSIZE = {
     "float32": 4,

@@ -33,8 +33,6 @@ from .cases import (
     FLOAT_DTYPES,
     OP_DESCRIPTIONS,
     OPS,
-    ULYSSES_JAX_DTYPES,
-    ULYSSES_JAX_FAILS,
     Case,
     scatter_dim_for,
 )
@@ -83,9 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "every rank's result against numpy (bitwise; ulysses: allclose), time them after warm-up "
         "and print one table.",
         epilog=f"ops:\n{ops}\n\n'padded' runs on S - 1 tokens when N divides S, so it always "
-        "pads. 'ulysses' needs a float dtype, and on the jax backend one of "
-        f"{', '.join(ULYSSES_JAX_DTYPES)} (JAX attention takes the softmax in float32 and has "
-        "no float16 on the CPU); torch runs it in every float dtype. Exit status: 0 all "
+        "pads. 'ulysses' needs a float dtype (any head count). Exit status: 0 all "
         "correct, 1 a check failed or an op raised, 2 bad arguments (reported before any "
         "work, --json and --plot paths included).",
     )
@@ -105,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default="float32",
-        help=f"one of {', '.join(DTYPES)} (ulysses on jax: {', '.join(ULYSSES_JAX_DTYPES)})",
+        help=f"one of {', '.join(DTYPES)} (ulysses: the float ones)",
     )
     p.add_argument("--ops", help=f"comma-separated from {','.join(OPS)} (default: all that fit)")
     p.add_argument("--heads", type=int, default=8, help="ulysses: H = heads x D (default 8)")
@@ -264,19 +260,10 @@ def _unfit(op: str, s: Settings, shape: tuple[int, ...]) -> str | None:
     if op == "ulysses":
         if s.dtype not in FLOAT_DTYPES:
             return f"ulysses needs a float dtype, not {s.dtype}; pass --dtype float32"
-        if "jax" in s.backends and s.dtype in ULYSSES_JAX_FAILS:
-            return (
-                f"ulysses on the jax backend runs in {' or '.join(ULYSSES_JAX_DTYPES)} only, not "
-                f"{s.dtype} ({ULYSSES_JAX_FAILS[s.dtype]}); pass --dtype float32, or --backends "
-                "torch"
-            )
         if s.dim != 1 or len(shape) not in (3, 4):
             return "ulysses needs --dim 1 and a [B, S, hidden] or [B, S, heads, D] shape"
         if len(shape) == 3 and shape[2] % s.heads:
             return f"ulysses: --heads {s.heads} does not divide the hidden size {shape[2]}"
-        heads = s.heads if len(shape) == 3 else shape[2]
-        if heads % n:
-            return f"ulysses gives each rank heads/N whole heads: {heads} heads, world size {n}"
     return None
 
 

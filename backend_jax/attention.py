@@ -1,0 +1,79 @@
+"""The local attention kernel of the JAX backend: blockwise over the keys, online softmax.
+
+``jax.nn.dot_product_attention`` takes its softmax in float32 (float64 inputs come out only
+float32-accurate), has no float16 on the CPU under ``jit``, and holds the whole ``[Sq, Sk]``
+logits. This kernel accumulates in float32 (half types, float32) or float64 (float64), walks the
+keys in blocks of at most ``KEY_BLOCK`` with a running max and sum (the online softmax), so it
+holds one ``[Sq, block]`` tile of logits at a time, and recomputes each tile in the backward
+pass (``jax.checkpoint``) instead of keeping them all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+KEY_BLOCK = 512
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    causal: bool,
+    key_mask: jax.Array | None,
+) -> jax.Array:
+    """See ``sp_common.backend.Backend.attention``."""
+    batch, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    blocks = -(-sk // KEY_BLOCK)
+    size = -(-sk // blocks)
+    pad = blocks * size - sk
+    valid = jnp.ones((1, sk), bool) if key_mask is None else key_mask
+    if pad:
+        k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    # Query head h = kv * G + g reads key/value head kv.
+    qg = q.reshape(batch, sq, hkv, hq // hkv, d)
+    kb = k.reshape(batch, blocks, size, hkv, d).swapaxes(0, 1)
+    vb = v.reshape(batch, blocks, size, hkv, dv).swapaxes(0, 1)
+    mb = valid.reshape(valid.shape[0], blocks, size).swapaxes(0, 1)
+    q_pos = jnp.arange(sq)
+
+    def step(carry: tuple[jax.Array, ...], block: tuple[jax.Array, ...]) -> tuple:
+        m, total, o = carry  # running max and sum [B, Hkv, G, Sq], output [B, Hkv, G, Sq, Dv]
+        kj, vj, mj, start = block
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kj, preferred_element_type=acc) * scale
+        allowed = mj[:, None, None, None, :]
+        if causal:
+            allowed = allowed & (start + jnp.arange(size)[None, :] <= q_pos[:, None])
+        s = jnp.where(allowed, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        # The result does not depend on the max (it cancels), so its gradient is not taken;
+        # a row with no key so far keeps max -inf and is shifted by 0 instead.
+        shift = lax.stop_gradient(jnp.where(jnp.isfinite(m_new), m_new, 0.0))
+        p = jnp.exp(s - shift[..., None])
+        rescale = jnp.exp(m - shift)
+        total = total * rescale + p.sum(axis=-1)
+        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p, vj.astype(acc))
+        o = o * rescale[..., None] + pv
+        return (m_new, total, o), None
+
+    groups = hq // hkv
+    init = (
+        jnp.full((batch, hkv, groups, sq), -jnp.inf, acc),
+        jnp.zeros((batch, hkv, groups, sq), acc),
+        jnp.zeros((batch, hkv, groups, sq, dv), acc),
+    )
+    starts = jnp.arange(blocks) * size
+    if blocks == 1:
+        (_, total, o), _ = step(init, (kb[0], vb[0], mb[0], starts[0]))
+    else:
+        (_, total, o), _ = lax.scan(jax.checkpoint(step), init, (kb, vb, mb, starts))
+    out = jnp.where(total[..., None] > 0, o / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+    # [B, Hkv, G, Sq, Dv] -> [B, Sq, Hq, Dv]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, sq, hq, dv).astype(q.dtype)

@@ -1,0 +1,144 @@
+"""``sp_attention``: attention over a sequence sharded across the SP ranks, one entry point for
+every strategy."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from ..api import LOCAL_ERRORS, resolve
+from .checks import check_attention
+from .ulysses import ulysses
+
+T = TypeVar("T")
+
+Strategy = Literal["ulysses"]
+
+
+def sp_attention(
+    q: T,
+    k: T,
+    v: T,
+    *,
+    strategy: Strategy = "ulysses",
+    causal: bool = False,
+    seq_len: int | None = None,
+    key_mask: Any = None,
+    scale: float | None = None,
+    group: Any = None,
+) -> T:
+    """Softmax attention over a sequence sharded across the SP ranks: what full attention over
+    the unsharded sequence returns at this rank's positions, forward and gradients.
+
+    Shapes (this rank's ``s`` tokens of a sequence sharded with ``sp_shard`` or
+    ``sp_shard_with_padding``, contiguous layout, padding at the end)::
+
+        q [B, s, Hq, D]   k [B, s, Hkv, D]   v [B, s, Hkv, Dv]   ->   out [B, s, Hq, Dv]
+
+    Args:
+        q, k, v: torch tensors or JAX arrays of one floating dtype (float16, bfloat16, float32,
+            float64). ``Hq`` must be a multiple of ``Hkv`` (grouped-query and multi-query
+            attention: query head h reads key/value head ``h // (Hq / Hkv)``); any head count
+            works, whether or not N divides it.
+        strategy: ``"ulysses"``: two all-to-alls swap the sharding from the sequence to the
+            heads and back (heads the world size does not divide are padded, key/value heads
+            repeated as little as needed, see ``sp_common.attention.heads``).
+        causal: query at global position i attends the keys at positions <= i.
+        seq_len: the real sequence length S before padding (None: ``N * s``, nothing padded);
+            keys at positions >= S never take part. Never guessed: inside a planned forward
+            pass that padded, None raises (pass ``seq_len=planned_seq_len(name)``).
+        key_mask: this rank's bool mask of its keys, ``[B, s]`` or ``[s]``, True = attend
+            (gathered inside). With it, joint sequences (two streams each sharded and padded,
+            concatenated per rank) are exact.
+        scale: the softmax scale, default ``1 / sqrt(D)``.
+        group: the SP group (see ``sp_shard``).
+
+    Returns:
+        ``out [B, s, Hq, Dv]`` in q's dtype. A query that may attend no key at all (every key
+        masked) gets zeros, and zero gradients. Outputs at padded positions are defined but
+        meaningless (drop them with ``sp_gather(..., pad_size=...)``). World size 1 is plain
+        attention with the same semantics.
+
+    Raises:
+        ValueError: shapes that do not fit (above), ``seq_len`` outside ``[1, N * s]``, an
+            unknown ``strategy``, a ``key_mask`` of the wrong shape.
+        TypeError: k, v or key_mask of another framework, mixed or non-floating dtypes, a
+            non-bool ``key_mask`` or ``causal``, a ``scale`` that is not a real number.
+
+    In debug mode (``sp_debug()``, torch) the ranks first agree on the shapes and dtypes of q,
+    k, v and key_mask, and on ``strategy``, ``causal``, ``seq_len`` and ``scale``.
+    """
+    return attention_call(
+        "sp_attention", q, k, v, strategy, causal, seq_len, key_mask, scale, group
+    )
+
+
+def attention_call(
+    func: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    strategy: object,
+    causal: object,
+    seq_len: object,
+    key_mask: object,
+    scale: object,
+    group: Any,
+) -> Any:
+    """``sp_attention`` as called by ``func`` (errors name it)."""
+    backend, g, n = resolve(func, q, group)
+    tensors = {"q": q, "k": k, "v": v}
+    if key_mask is not None:
+        tensors["key_mask"] = key_mask
+    options = {"strategy": strategy, "causal": causal, "seq_len": seq_len, "scale": scale}
+    try:
+        shapes = check_attention(
+            func,
+            backend,
+            n,
+            q,
+            k,
+            v,
+            strategy=strategy,
+            causal=causal,
+            seq_len=seq_len,
+            key_mask=key_mask,
+            scale=scale,
+        )
+    except LOCAL_ERRORS as e:
+        if n > 1:
+            backend.check_consistent(func, g, tensors, options, e)
+        raise
+    if n > 1:
+        agreed = {**options, "seq_len": shapes.real, "scale": shapes.scale}
+        backend.check_consistent(func, g, tensors, agreed)
+    assert isinstance(causal, bool)  # checked above
+    return ulysses(backend, g, n, q, k, v, shapes, causal, key_mask)
+
+
+def sp_ulysses_attention(
+    q: T,
+    k: T,
+    v: T,
+    *,
+    causal: bool = False,
+    seq_len: int | None = None,
+    key_mask: Any = None,
+    scale: float | None = None,
+    group: Any = None,
+) -> T:
+    """:func:`sp_attention` with ``strategy="ulysses"`` (DeepSpeed-Ulysses): two all-to-alls.
+
+    Shapes, with N ranks and the padded length ``S_pad = N * s``::
+
+        q [B, s, Hq, D], k [B, s, Hkv, D], v [B, s, Hkv, Dv]   sequence-sharded
+        -> all-to-all (scatter heads, gather sequence)
+        [B, S_pad, Hq/N | Hkv/N, D]                               head-sharded, whole sequence
+        -> attention (causal, padded and masked keys never attended)
+        -> all-to-all (scatter sequence, gather heads)
+        out [B, s, Hq, Dv]                                        sequence-sharded again
+
+    Arguments, results and errors as :func:`sp_attention`.
+    """
+    return attention_call(
+        "sp_ulysses_attention", q, k, v, "ulysses", causal, seq_len, key_mask, scale, group
+    )

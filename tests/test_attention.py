@@ -1,0 +1,259 @@
+"""sp_attention against the float64 numpy reference: causal x grouped KV heads x padding x head
+counts the world size does not divide x key masks x dtypes, forward and gradients, on torch
+2 and 4 gloo ranks and JAX 2, 4 and 8 devices (an all-pairs sample of the product), torch and
+JAX agreeing; the joint text+image case; world size 1; the head split; compile; debug mode."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import PartitionSpec as P
+
+import sp_common as sp
+from sp_common.attention.heads import head_layout
+from sp_common.testing import reference_attention, reference_attention_grads
+from sp_common.testing.mesh import mesh_of
+
+from . import attention_tasks as tasks
+from .attention_tasks import AttnCase, case_inputs
+
+pytestmark = pytest.mark.timeout(600)
+
+# |got - want| <= TOL * max(1, max |want|), per output and per gradient.
+TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
+
+# (query heads, {"mha" | "gqa" | "mqa": key/value heads}) per world size, divisible or not.
+HEADS = {
+    (2, True): (4, {"mha": 4, "gqa": 2, "mqa": 1}),
+    (2, False): (3, {"mha": 3, "gqa": 1, "mqa": 1}),
+    (4, True): (8, {"mha": 8, "gqa": 2, "mqa": 1}),  # gqa: 2 kv heads repeated twice
+    (4, False): (6, {"mha": 6, "gqa": 2, "mqa": 1}),
+    (8, True): (16, {"mha": 16, "gqa": 2, "mqa": 1}),
+    (8, False): (6, {"mha": 6, "gqa": 2, "mqa": 1}),  # fewer heads than ranks
+}
+# Sequence lengths: divisible by N, not divisible, shorter than N.
+LENGTHS = {"divides": lambda n: 2 * n, "pads": lambda n: 2 * n + 3, "short": lambda n: n - 1}
+
+FACTORS = {
+    "causal": (False, True),
+    "kv": ("mha", "gqa", "mqa"),
+    "length": tuple(LENGTHS),
+    "heads_divide": (True, False),
+    "mask": tasks.MASKS,
+    "dtype": ("float64", "float32", "bfloat16", "float16"),
+}
+
+
+def all_pairs(seed: int) -> list[dict[str, Any]]:
+    """A small set of factor combinations that contains every pair of levels of every two
+    factors (greedy, seeded)."""
+    names = list(FACTORS)
+    wanted = {
+        (a, x, b, y)
+        for a, b in itertools.combinations(names, 2)
+        for x in FACTORS[a]
+        for y in FACTORS[b]
+    }
+    candidates = [dict(zip(names, c, strict=True)) for c in itertools.product(*FACTORS.values())]
+    random.Random(seed).shuffle(candidates)
+    chosen = []
+    while wanted:
+        best = max(
+            candidates,
+            key=lambda c: sum(
+                (a, c[a], b, c[b]) in wanted for a, b in itertools.combinations(names, 2)
+            ),
+        )
+        wanted -= {(a, best[a], b, best[b]) for a, b in itertools.combinations(names, 2)}
+        chosen.append(best)
+    return chosen
+
+
+def cases_for(n: int) -> list[AttnCase]:
+    out = []
+    for i, c in enumerate(all_pairs(seed=n)):
+        hq, kv = HEADS[(n, c["heads_divide"])]
+        seq = LENGTHS[c["length"]](n)
+        out.append(AttnCase(n, seq, hq, kv[c["kv"]], c["causal"], c["mask"], c["dtype"], seed=i))
+    return out
+
+
+def reference(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
+    data = case_inputs(case)
+    q, k, v, mask = data["q"], data["k"], data["v"], data["key_mask"]
+    out = reference_attention(q, k, v, causal=case.causal, key_mask=mask)
+    grads = reference_attention_grads(q, k, v, data["grad_out"], causal=case.causal, key_mask=mask)
+    return out, list(grads)
+
+
+def assert_matches(case: AttnCase, out: np.ndarray, grads: list[np.ndarray], who: str) -> None:
+    want, want_grads = reference(case)
+    tol = TOL[case.dtype]
+    for name, got, expected in zip(
+        ("out", "dq", "dk", "dv"), [out, *grads], [want, *want_grads], strict=True
+    ):
+        assert got.shape == expected.shape, f"{who} {case.label} {name}: shape"
+        err = float(np.max(np.abs(got - expected), initial=0.0))
+        bound = tol * max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+        assert err <= bound, f"{who} {case.label} {name}: max |diff| {err:.3g} > {bound:.3g}"
+
+
+def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The case under ``jit(shard_map)`` on ``case.n`` devices: shard with padding, attend,
+    gather; the gradients of ``sum(out * grad_out)``."""
+    data = case_inputs(case)
+    mask = None if data["key_mask"] is None else jnp.asarray(data["key_mask"])
+
+    def body(q, k, v, mask):
+        (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1) for t in (q, k, v))
+        local = None
+        if mask is not None:
+            local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False)
+        out = sp.sp_attention(qs, ks, vs, causal=case.causal, seq_len=case.seq, key_mask=local)
+        return sp.sp_gather(out, 1, pad_size=pad)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P()))
+    args = [jnp.asarray(data[name]) for name in ("q", "k", "v")]
+
+    def loss(q, k, v):
+        return (f(q, k, v, mask).astype(jnp.float64) * data["grad_out"]).sum()
+
+    out = np.asarray(f(*args, mask)).astype(np.float64)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    return out, [np.asarray(g).astype(np.float64) for g in grads]
+
+
+def test_the_pairwise_sample_covers_every_pair_of_levels() -> None:
+    for n in (2, 4, 8):
+        chosen = all_pairs(seed=n)
+        for a, b in itertools.combinations(FACTORS, 2):
+            assert {(c[a], c[b]) for c in chosen} == set(itertools.product(FACTORS[a], FACTORS[b]))
+        assert len(chosen) <= 20
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_torch_attention_equals_full_attention_forward_and_gradients(n, torch_ranks) -> None:
+    cases = cases_for(n)
+    per_rank = torch_ranks(n).run(tasks.torch_attention, cases, timeout_s=280)
+    for rank, results in enumerate(per_rank):
+        for case, r in zip(cases, results, strict=True):
+            assert_matches(case, r["out"], r["grads"], f"torch rank {rank}")
+
+
+@pytest.mark.usefixtures("jax_x64")
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_jax_attention_equals_full_attention_forward_and_gradients(n) -> None:
+    for case in cases_for(n):
+        assert_matches(case, *jax_attention(case), "jax")
+
+
+@pytest.mark.usefixtures("jax_x64")
+@pytest.mark.parametrize("n", [2, 4])
+def test_torch_and_jax_agree_on_every_case(n, torch_ranks) -> None:
+    cases = [c for c in cases_for(n) if c.dtype in ("float64", "float32")]
+    torch_results = torch_ranks(n).run(tasks.torch_attention, cases, timeout_s=280)[0]
+    for case, t in zip(cases, torch_results, strict=True):
+        out, grads = jax_attention(case)
+        tol = 2 * TOL[case.dtype]
+        for a, b in zip([t["out"], *t["grads"]], [out, *grads], strict=True):
+            assert np.max(np.abs(a - b), initial=0.0) <= tol * max(1.0, np.abs(b).max()), case.label
+
+
+@pytest.mark.usefixtures("jax_x64")
+@pytest.mark.parametrize("causal", [False, True])
+def test_world_size_one_is_plain_attention_with_the_same_semantics(causal) -> None:
+    case = AttnCase(1, 7, 6, 2, causal, "batch", "float64")
+    data = case_inputs(case)
+    want, _ = reference(case)
+    tq, tk, tv = (torch.tensor(data[n], requires_grad=True) for n in ("q", "k", "v"))
+    out = sp.sp_attention(tq, tk, tv, causal=causal, key_mask=torch.from_numpy(data["key_mask"]))
+    (out * torch.from_numpy(data["grad_out"])).sum().backward()
+    assert_matches(case, out.detach().numpy(), [t.grad.numpy() for t in (tq, tk, tv)], "torch")
+
+    mask = jnp.asarray(data["key_mask"])
+
+    def f(q, k, v):
+        return sp.sp_attention(q, k, v, causal=causal, key_mask=mask)
+
+    args = [jnp.asarray(data[n]) for n in ("q", "k", "v")]
+    grads = jax.grad(lambda *a: (f(*a) * data["grad_out"]).sum(), argnums=(0, 1, 2))(*args)
+    assert_matches(case, np.asarray(jax.jit(f)(*args)), [np.asarray(g) for g in grads], "jax")
+    np.testing.assert_allclose(np.asarray(f(*args)), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "hq_hkv", [(h, k) for h in range(1, 17) for k in range(1, h + 1) if h % k == 0]
+)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_the_head_split_keeps_each_query_head_with_its_kv_head_and_repeats_least(hq_hkv, n) -> None:
+    hq, hkv = hq_hkv
+    layout = head_layout(hq, hkv, n)
+    q_heads, kv_heads = hq + layout.pad, hkv * layout.repeat + layout.pad
+    assert q_heads % n == 0 and kv_heads % n == 0
+    # After the repeat, query head h reads key/value head h // (q_heads / kv_heads) (padded
+    # heads read padded ones); each rank must hold the kv head of each of its query heads.
+    group = q_heads // kv_heads
+    for h in range(q_heads):
+        assert h // (q_heads // n) == (h // group) // (kv_heads // n)
+    if layout.pad == 0:
+        g = hq // hkv
+        smaller = [r for r in range(1, layout.repeat) if g % r == 0 and hkv * r % n == 0]
+        assert smaller == [], f"repeat {layout.repeat} where {smaller[0]} suffices"
+    else:
+        assert hq % n and layout.pad == -hq % n
+
+
+def joint_reference(text, image, masks):
+    """Unsharded joint attention over [text, image] with their key masks."""
+    q = np.concatenate([text[0], image[0]], axis=1)
+    k = np.concatenate([text[1], image[1]], axis=1)
+    v = np.concatenate([text[2], image[2]], axis=1)
+    return reference_attention(q, k, v, key_mask=np.concatenate(masks, axis=1))
+
+
+def joint_inputs(
+    len_text: int, len_image: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(7)
+    text = [rng.standard_normal((2, len_text, 4, 8)) for _ in range(3)]
+    image = [rng.standard_normal((2, len_image, 4, 8)) for _ in range(3)]
+    text_mask = rng.random((2, len_text)) < 0.7  # some text tokens are padding of the prompt
+    text_mask[:, 0] = True
+    return text, image, [text_mask, np.ones((2, len_image), bool)]
+
+
+@pytest.mark.usefixtures("jax_x64")
+@pytest.mark.parametrize("n", [2, 4])
+def test_joint_text_and_image_streams_each_sharded_and_padded_are_exact(n, torch_ranks) -> None:
+    """Flux-style joint attention: each stream sharded and padded on its own, the two chunks
+    concatenated per rank, the padding of both and the prompt mask passed as key_mask."""
+    text, image, masks = joint_inputs(5, 2 * n + 1)
+    want = joint_reference(text, image, masks)
+    got_torch = torch_ranks(n).run(tasks.torch_joint, text, image, masks)
+    for rank, got in enumerate(got_torch):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"torch rank {rank}")
+
+    def body(*arrays):
+        return tasks.joint_attention(list(arrays[:3]), list(arrays[3:6]), list(arrays[6:]))
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh_of(n), in_specs=(P(),) * 8, out_specs=P()))
+    got = f(*map(jnp.asarray, [*text, *image, *masks]))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_sp_ulysses_attention_is_sp_attention_with_the_strategy_fixed(torch_ranks) -> None:
+    for r in torch_ranks(2).run(tasks.ulysses_is_attention):
+        assert r == {"equal": True}
+
+
+def test_torch_compile_traces_causal_padded_grouped_attention_in_one_graph(torch_ranks) -> None:
+    for r in torch_ranks(2).run(tasks.attention_compiled, timeout_s=280):
+        assert r["frames"] == 1
+        assert r["max_out_diff"] <= 1e-6 and r["max_grad_diff"] <= 1e-6
