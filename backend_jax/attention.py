@@ -29,51 +29,59 @@ def attention(
     """See ``sp_common.backend.Backend.attention``."""
     batch, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = hq // hkv
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     blocks = -(-sk // KEY_BLOCK)
     size = -(-sk // blocks)
     pad = blocks * size - sk
+    masked = key_mask is not None or causal or pad > 0
     valid = jnp.ones((1, sk), bool) if key_mask is None else key_mask
     if pad:
         k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (k, v))
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    # Query head h = kv * G + g reads key/value head kv.
-    qg = q.reshape(batch, sq, hkv, hq // hkv, d)
-    kb = k.reshape(batch, blocks, size, hkv, d).swapaxes(0, 1)
-    vb = v.reshape(batch, blocks, size, hkv, dv).swapaxes(0, 1)
+    # Batched-matmul layout: the G query heads of a key/value head (h = kv * G + g) are stacked
+    # as rows, [B, Hkv, G * Sq, D]; keys [B, Hkv, Sk, D], in blocks along Sk.
+    rows = q.reshape(batch, sq, hkv, groups, d).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(batch, hkv, groups * sq, d)
+    kb = k.transpose(0, 2, 1, 3).reshape(batch, hkv, blocks, size, d).transpose(2, 0, 1, 3, 4)
+    vb = v.transpose(0, 2, 1, 3).reshape(batch, hkv, blocks, size, dv).transpose(2, 0, 1, 3, 4)
     mb = valid.reshape(valid.shape[0], blocks, size).swapaxes(0, 1)
-    q_pos = jnp.arange(sq)
+    q_pos = jnp.tile(jnp.arange(sq), groups)
 
     def step(carry: tuple[jax.Array, ...], block: tuple[jax.Array, ...]) -> tuple:
-        m, total, o = carry  # running max and sum [B, Hkv, G, Sq], output [B, Hkv, G, Sq, Dv]
+        m, total, o = carry  # running max and sum [B, Hkv, G * Sq], output [.., G * Sq, Dv]
         kj, vj, mj, start = block
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kj, preferred_element_type=acc) * scale
-        allowed = mj[:, None, None, None, :]
-        if causal:
-            allowed = allowed & (start + jnp.arange(size)[None, :] <= q_pos[:, None])
-        s = jnp.where(allowed, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        # The result does not depend on the max (it cancels), so its gradient is not taken;
-        # a row with no key so far keeps max -inf and is shifted by 0 instead.
-        shift = lax.stop_gradient(jnp.where(jnp.isfinite(m_new), m_new, 0.0))
+        s = jnp.einsum("bhqd,bhkd->bhqk", rows, kj, preferred_element_type=acc) * scale
+        if masked:
+            allowed = mj[:, None, None, :]
+            if causal:
+                allowed = allowed & (start + jnp.arange(size)[None, :] <= q_pos[:, None])
+            s = jnp.where(allowed, s, -jnp.inf)
+        # The result does not depend on the running max (it cancels), so the max is a constant
+        # to differentiation, in every block alike; a row with no key so far keeps max -inf and
+        # is shifted by 0 instead.
+        m_new = lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - shift[..., None])
         rescale = jnp.exp(m - shift)
         total = total * rescale + p.sum(axis=-1)
-        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p, vj.astype(acc))
-        o = o * rescale[..., None] + pv
+        o = o * rescale[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p, vj.astype(acc))
         return (m_new, total, o), None
 
-    groups = hq // hkv
     init = (
-        jnp.full((batch, hkv, groups, sq), -jnp.inf, acc),
-        jnp.zeros((batch, hkv, groups, sq), acc),
-        jnp.zeros((batch, hkv, groups, sq, dv), acc),
+        jnp.full((batch, hkv, groups * sq), -jnp.inf, acc),
+        jnp.zeros((batch, hkv, groups * sq), acc),
+        jnp.zeros((batch, hkv, groups * sq, dv), acc),
     )
     starts = jnp.arange(blocks) * size
-    if blocks == 1:
-        (_, total, o), _ = step(init, (kb[0], vb[0], mb[0], starts[0]))
-    else:
-        (_, total, o), _ = lax.scan(jax.checkpoint(step), init, (kb, vb, mb, starts))
+    # The first block outside the scan: its carry has the types (and, under shard_map, the
+    # device variance) of every later one.
+    carry, _ = step(init, (kb[0], vb[0], mb[0], starts[0]))
+    if blocks > 1:
+        later = (kb[1:], vb[1:], mb[1:], starts[1:])
+        carry, _ = lax.scan(jax.checkpoint(step), carry, later)
+    _, total, o = carry
     out = jnp.where(total[..., None] > 0, o / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
-    # [B, Hkv, G, Sq, Dv] -> [B, Sq, Hq, Dv]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, sq, hq, dv).astype(q.dtype)
+    # [B, Hkv, G * Sq, Dv] -> [B, Sq, Hq, Dv]
+    out = out.reshape(batch, hkv, groups, sq, dv).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, sq, hq, dv).astype(q.dtype)

@@ -257,3 +257,41 @@ def test_torch_compile_traces_causal_padded_grouped_attention_in_one_graph(torch
     for r in torch_ranks(2).run(tasks.attention_compiled, timeout_s=280):
         assert r["frames"] == 1
         assert r["max_out_diff"] <= 1e-6 and r["max_grad_diff"] <= 1e-6
+
+
+@pytest.mark.usefixtures("jax_x64")
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_jax_kernel_walks_the_keys_in_blocks_exactly(n, monkeypatch) -> None:
+    """Blocks of 4 keys over 11 (+1 padded) keys: the online softmax across blocks, a padded
+    last block, causal masks that cut blocks, and a batch row with no key at all."""
+    import backend_jax.attention
+
+    monkeypatch.setattr(backend_jax.attention, "KEY_BLOCK", 4)
+    case = AttnCase(n, 11, 6, 2, True, "batch", "float64")
+    if n == 1:
+        data = case_inputs(case)
+        mask = jnp.asarray(data["key_mask"])
+
+        def f(q, k, v):
+            return sp.sp_attention(q, k, v, causal=True, key_mask=mask)
+
+        args = [jnp.asarray(data[name]) for name in ("q", "k", "v")]
+        grads = jax.grad(lambda *a: (f(*a) * data["grad_out"]).sum(), argnums=(0, 1, 2))(*args)
+        assert_matches(case, np.asarray(jax.jit(f)(*args)), [np.asarray(g) for g in grads], "jax")
+    else:
+        assert_matches(case, *jax_attention(case), "jax")
+
+
+def test_jax_attention_memory_grows_linearly_with_the_sequence_not_quadratically() -> None:
+    """XLA's own accounting of the compiled kernel's temporaries (forward): one [S, block]
+    tile of logits per head at a time, never [S, S]."""
+    from backend_jax.attention import attention
+
+    def temp_bytes(seq: int) -> int:
+        q = jax.ShapeDtypeStruct((1, seq, 2, 32), jnp.float32)
+        f = jax.jit(lambda q, k, v: attention(q, k, v, scale=0.2, causal=True, key_mask=None))
+        return int(f.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
+
+    small, large = temp_bytes(2048), temp_bytes(8192)
+    assert large <= 4.5 * small  # 4x the length: linear is 4x, quadratic 16x
+    assert large < 2 * 8192 * 8192 * 4 / 4  # far below the [2, S, S] float32 logits
