@@ -154,9 +154,10 @@ def ulysses_is_attention() -> dict[str, bool]:
     return {"equal": bool(torch.equal(a, b))}
 
 
-def attention_compiled() -> dict[str, Any]:
-    """torch.compile(fullgraph=True) over causal, grouped-KV, padded attention: one graph,
-    forward and backward equal to eager."""
+def attention_compiled(seq: int) -> dict[str, Any]:
+    """torch.compile(fullgraph=True) over causal, grouped-KV attention on ``seq`` tokens
+    (padded where the world size does not divide it): one graph, forward and backward equal to
+    eager."""
     import torch
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -171,7 +172,7 @@ def attention_compiled() -> dict[str, Any]:
         out = sp.sp_attention(s, kv, kv * 2, causal=True, seq_len=t.shape[1])
         return sp.sp_gather(out, 1, pad_size=p)
 
-    x = make_data((1, 7, 4, 8), "float32", 0, specials=False)
+    x = make_data((1, seq, 4, 8), "float32", 0, specials=False)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(block, backend=counter, fullgraph=True)
     tc = to_torch(x).requires_grad_()

@@ -253,8 +253,9 @@ def test_sp_ulysses_attention_is_sp_attention_with_the_strategy_fixed(torch_rank
         assert r == {"equal": True}
 
 
-def test_torch_compile_traces_causal_padded_grouped_attention_in_one_graph(torch_ranks) -> None:
-    for r in torch_ranks(2).run(tasks.attention_compiled, timeout_s=280):
+@pytest.mark.parametrize("seq", [8, 7], ids=["divides", "padded"])
+def test_torch_compile_traces_causal_grouped_attention_in_one_graph(seq, torch_ranks) -> None:
+    for r in torch_ranks(2).run(tasks.attention_compiled, seq, timeout_s=280):
         assert r["frames"] == 1
         assert r["max_out_diff"] <= 1e-6 and r["max_grad_diff"] <= 1e-6
 
