@@ -25,6 +25,7 @@ def attention(
     scale: float,
     causal: bool,
     key_mask: jax.Array | None,
+    q_offset: jax.Array | int = 0,
 ) -> jax.Array:
     """See ``sp_common.backend.Backend.attention``."""
     batch, sq, hq, d = q.shape
@@ -46,7 +47,7 @@ def attention(
     kb = k.transpose(0, 2, 1, 3).reshape(batch, hkv, blocks, size, d).transpose(2, 0, 1, 3, 4)
     vb = v.transpose(0, 2, 1, 3).reshape(batch, hkv, blocks, size, dv).transpose(2, 0, 1, 3, 4)
     mb = valid.reshape(valid.shape[0], blocks, size).swapaxes(0, 1)
-    q_pos = jnp.tile(jnp.arange(sq), groups)
+    q_pos = jnp.tile(jnp.arange(sq), groups) + q_offset
 
     def step(carry: tuple[jax.Array, ...], block: tuple[jax.Array, ...]) -> tuple:
         m, total, o = carry  # running max and sum [B, Hkv, G * Sq], output [.., G * Sq, Dv]

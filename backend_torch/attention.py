@@ -14,6 +14,7 @@ def attention(
     scale: float,
     causal: bool,
     key_mask: torch.Tensor | None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """See ``sp_common.backend.Backend.attention``. One SDPA call on ``[B, H, S, D]`` views:
     grouped heads through ``enable_gqa``; causal alone through ``is_causal`` (the fused kernels
@@ -24,9 +25,9 @@ def attention(
     if key_mask is not None:
         mask = key_mask[:, None, None, :]
         if causal:
-            mask = mask & _causal(sq, sk, q.device)
-    elif causal and sq != sk:
-        mask = _causal(sq, sk, q.device)
+            mask = mask & _causal(sq, sk, q_offset, q.device)
+    elif causal and (sq != sk or q_offset != 0):
+        mask = _causal(sq, sk, q_offset, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -39,6 +40,7 @@ def attention(
     return out.transpose(1, 2)
 
 
-def _causal(sq: int, sk: int, device: torch.device) -> torch.Tensor:
-    """``[Sq, Sk]``: query i attends key j <= i."""
-    return torch.arange(sk, device=device)[None, :] <= torch.arange(sq, device=device)[:, None]
+def _causal(sq: int, sk: int, q_offset: int, device: torch.device) -> torch.Tensor:
+    """``[Sq, Sk]``: query i (at position ``q_offset + i``) attends key j <= that position."""
+    positions = torch.arange(sq, device=device) + q_offset
+    return torch.arange(sk, device=device)[None, :] <= positions[:, None]

@@ -97,14 +97,24 @@ class Backend(Generic[GroupT]):
         raise NotImplementedError
 
     def attention(
-        self, q: Any, k: Any, v: Any, *, scale: float, causal: bool, key_mask: Any
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        *,
+        scale: float,
+        causal: bool,
+        key_mask: Any,
+        q_offset: Any = 0,
     ) -> Any:
         """Local softmax attention, the kernel every strategy calls.
 
         Shapes: q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` ->
         ``[B, Sq, Hq, Dv]`` in q's dtype, with ``Hkv`` dividing ``Hq`` (query head h reads
         key/value head ``h // (Hq / Hkv)``). Query i attends key j where ``key_mask[b, j]``
-        (bool ``[B | 1, Sk]``; None: every key) and, if ``causal``, ``j <= i``. A query with no
+        (bool ``[B | 1, Sk]``; None: every key) and, if ``causal``, ``j <= q_offset + i``
+        (``q_offset``: the position of the first query among the keys; an int, or a traced
+        JAX int such as ``axis_index * s``). A query with no
         key to attend gets zeros (and zero gradients). Accurate to the dtype: half types
         accumulate in float32, float64 in float64."""
         raise NotImplementedError

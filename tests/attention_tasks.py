@@ -28,12 +28,13 @@ class AttnCase:
     d: int = 8
     dv: int = 8
     seed: int = 0
+    strategy: str = "ulysses"
 
     @property
     def label(self) -> str:
         return (
             f"n{self.n}-S{self.seq}-H{self.hq}/{self.hkv}-{'causal' if self.causal else 'full'}"
-            f"-mask_{self.mask}-{self.dtype}"
+            f"-mask_{self.mask}-{self.dtype}-{self.strategy}"
         )
 
 

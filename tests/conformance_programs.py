@@ -69,14 +69,18 @@ def ulysses(x: Any, w: Any) -> Any:
     return (sp_gather(out, 1, pad_size=p) * w).sum()
 
 
-def attention(x: Any, w: Any) -> Any:
-    # Causal, grouped KV heads (6 query heads, 3 key/value heads: padded heads on 4 ranks),
-    # a padded sequence.
+def attention(x: Any, w: Any, strategy: str = "ulysses") -> Any:
+    # Causal, grouped KV heads (6 query heads, 3 key/value heads: padded heads on 4 ranks
+    # under Ulysses), a padded sequence.
     s, p = sp_shard_with_padding(x, 1)
     kv = s[:, :, :3]
     with _math_attention(x):
-        out = sp_attention(s, kv * 0.5, kv**2, causal=True, seq_len=x.shape[1])
+        out = sp_attention(s, kv * 0.5, kv**2, strategy=strategy, causal=True, seq_len=x.shape[1])
     return (sp_gather(out, 1, pad_size=p) * w).sum()
+
+
+def allgather_kv(x: Any, w: Any) -> Any:
+    return attention(x, w, "allgather_kv")
 
 
 def _math_attention(x: Any) -> Any:
@@ -109,4 +113,5 @@ ROWS: dict[str, Row] = {
     "per_rank_terms": Row(per_rank_terms, ("sp_shard", "sp_gather"), (2, 8, 3), per_rank=True),
     "ulysses": Row(ulysses, ("sp_ulysses_attention",), (1, 10, 4, 3), bitwise=False),
     "attention": Row(attention, ("sp_attention",), (1, 10, 6, 3), bitwise=False),
+    "allgather_kv": Row(allgather_kv, ("sp_attention",), (1, 10, 6, 3), bitwise=False),
 }

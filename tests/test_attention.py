@@ -42,6 +42,7 @@ HEADS = {
 LENGTHS = {"divides": lambda n: 2 * n, "pads": lambda n: 2 * n + 3, "short": lambda n: n - 1}
 
 FACTORS = {
+    "strategy": ("ulysses", "allgather_kv"),
     "causal": (False, True),
     "kv": ("mha", "gqa", "mqa"),
     "length": tuple(LENGTHS),
@@ -81,7 +82,20 @@ def cases_for(n: int) -> list[AttnCase]:
     for i, c in enumerate(all_pairs(seed=n)):
         hq, kv = HEADS[(n, c["heads_divide"])]
         seq = LENGTHS[c["length"]](n)
-        out.append(AttnCase(n, seq, hq, kv[c["kv"]], c["causal"], c["mask"], c["dtype"], seed=i))
+        kv_heads = kv[c["kv"]]
+        out.append(
+            AttnCase(
+                n,
+                seq,
+                hq,
+                kv_heads,
+                c["causal"],
+                c["mask"],
+                c["dtype"],
+                seed=i,
+                strategy=c["strategy"],
+            )
+        )
     return out
 
 
@@ -116,7 +130,15 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
         local = None
         if mask is not None:
             local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False)
-        out = sp.sp_attention(qs, ks, vs, causal=case.causal, seq_len=case.seq, key_mask=local)
+        out = sp.sp_attention(
+            qs,
+            ks,
+            vs,
+            strategy=case.strategy,
+            causal=case.causal,
+            seq_len=case.seq,
+            key_mask=local,
+        )
         return sp.sp_gather(out, 1, pad_size=pad)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P()))
@@ -135,7 +157,7 @@ def test_the_pairwise_sample_covers_every_pair_of_levels() -> None:
         chosen = all_pairs(seed=n)
         for a, b in itertools.combinations(FACTORS, 2):
             assert {(c[a], c[b]) for c in chosen} == set(itertools.product(FACTORS[a], FACTORS[b]))
-        assert len(chosen) <= 20
+        assert len(chosen) <= 22
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -261,14 +283,16 @@ def test_torch_compile_traces_causal_grouped_attention_in_one_graph(seq, torch_r
 
 
 @pytest.mark.usefixtures("jax_x64")
-@pytest.mark.parametrize("n", [1, 2])
-def test_the_jax_kernel_walks_the_keys_in_blocks_exactly(n, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("n", "strategy"), [(1, "ulysses"), (2, "ulysses"), (2, "allgather_kv"), (4, "allgather_kv")]
+)
+def test_the_jax_kernel_walks_the_keys_in_blocks_exactly(n, strategy, monkeypatch) -> None:
     """Blocks of 4 keys over 11 (+1 padded) keys: the online softmax across blocks, a padded
     last block, causal masks that cut blocks, and a batch row with no key at all."""
     import backend_jax.attention
 
     monkeypatch.setattr(backend_jax.attention, "KEY_BLOCK", 4)
-    case = AttnCase(n, 11, 6, 2, True, "batch", "float64")
+    case = AttnCase(n, 11, 6, 2, True, "batch", "float64", strategy=strategy)
     if n == 1:
         data = case_inputs(case)
         mask = jnp.asarray(data["key_mask"])

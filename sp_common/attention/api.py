@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from ..api import LOCAL_ERRORS, resolve
+from .allgather_kv import allgather_kv
 from .checks import check_attention
 from .ulysses import ulysses
 
 T = TypeVar("T")
 
-Strategy = Literal["ulysses"]
+Strategy = Literal["ulysses", "allgather_kv"]
+_STRATEGY = {"ulysses": ulysses, "allgather_kv": allgather_kv}
 
 
 def sp_attention(
@@ -42,6 +44,8 @@ def sp_attention(
         strategy: ``"ulysses"``: two all-to-alls swap the sharding from the sequence to the
             heads and back (heads the world size does not divide are padded, key/value heads
             repeated as little as needed, see ``sp_common.attention.heads``).
+            ``"allgather_kv"``: K and V gathered on every rank (backward: reduce-scatter), the
+            local queries attend all keys; any head count, no head padding, K/V memory O(S).
         causal: query at global position i attends the keys at positions <= i.
         seq_len: the real sequence length S before padding (None: ``N * s``, nothing padded);
             keys at positions >= S never take part. Never guessed: inside a planned forward
@@ -111,8 +115,8 @@ def attention_call(
     if n > 1:
         agreed = {**options, "seq_len": shapes.real, "scale": shapes.scale}
         backend.check_consistent(func, g, tensors, agreed)
-    assert isinstance(causal, bool)  # checked above
-    return ulysses(backend, g, n, q, k, v, shapes, causal, key_mask)
+    assert isinstance(causal, bool) and isinstance(strategy, str)  # checked above
+    return _STRATEGY[strategy](backend, g, n, q, k, v, shapes, causal, key_mask)
 
 
 def sp_ulysses_attention(

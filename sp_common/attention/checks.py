@@ -10,7 +10,7 @@ from ..backend import Backend, backend_for
 from ..plan import active_run
 from .masks import check_key_mask, check_seq_len
 
-STRATEGIES = ("ulysses",)
+STRATEGIES = ("ulysses", "allgather_kv")
 
 
 class AttentionShapes(NamedTuple):
@@ -48,7 +48,7 @@ def check_attention(
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(
             f"{func}: strategy={strategy!r} is not one of {', '.join(map(repr, STRATEGIES))}; "
-            "pass strategy='ulysses'."
+            "pass one of them."
         )
     if not isinstance(causal, bool):
         raise TypeError(
