@@ -140,6 +140,12 @@ class JaxBackend(Backend[AxisName]):
     def repeat_interleave(self, x: jax.Array, dim: int, repeats: int) -> jax.Array:
         return jnp.repeat(x, repeats, axis=dim)
 
+    def take(self, x: jax.Array, dim: int, indices: tuple[int, ...]) -> jax.Array:
+        return jnp.take(x, np.asarray(indices), axis=dim)
+
+    def arange(self, like: jax.Array, length: int) -> jax.Array:
+        return jnp.arange(length)
+
     def reshape(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return x.reshape(shape)
 

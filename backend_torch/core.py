@@ -156,6 +156,12 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
     def repeat_interleave(self, x: torch.Tensor, dim: int, repeats: int) -> torch.Tensor:
         return x.repeat_interleave(repeats, dim)
 
+    def take(self, x: torch.Tensor, dim: int, indices: tuple[int, ...]) -> torch.Tensor:
+        return x.index_select(dim, torch.tensor(indices, device=x.device))
+
+    def arange(self, like: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.arange(length, device=like.device)
+
     def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return x.reshape(shape)
 

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from .backend import Backend, backend_for, backend_named
 from .grad_rules import GatherGradRule, ShardGradRule, gather_rule, shard_rule
+from .layouts import Layout, check_layout, from_zigzag, parts, to_zigzag
 from .shapes import (
     check_divisible,
     check_pad_size,
@@ -55,6 +56,7 @@ def sp_shard(
     *,
     group: Any = None,
     grad_rule: ShardGradRule | None = None,
+    layout: Layout = "contiguous",
 ) -> T:
     """This rank's chunk of ``tensor`` along ``dim``.
 
@@ -76,6 +78,9 @@ def sp_shard(
             gradient chunk in place with zeros elsewhere; the terms sum to the whole gradient.
             Inside a torch module with an applied ``SPPlan`` the default is ``"local"`` (see
             ``sp_common.grad_rules``).
+        layout: ``"contiguous"`` (rank r gets chunk r of N) or ``"zigzag"`` (S cut into 2N
+            chunks, rank r gets chunks r and 2N-1-r, concatenated: ``[..., S/N, ...]`` as well;
+            see ``sp_common.layouts``). Gather with the same layout.
 
     Returns:
         torch: a contiguous tensor that owns its memory. JAX: a ``dynamic_slice`` by
@@ -94,19 +99,37 @@ def sp_shard(
         shape = backend.shape(tensor)
         d = normalize_dim(func, dim, shape)
         rule = shard_rule(func, grad_rule, backend.framework)
+        lay = check_layout(func, layout)
+        if lay == "zigzag" and n > 1:
+            check_divisible_zigzag(func, shape, d, n)
         check_divisible(func, shape, d, n)
         if n > 1:
             backend.check_shard_rule(func, tensor, g, rule)
     except LOCAL_ERRORS as e:
         if n > 1 and validate is not False:
-            passed = {"dim": dim, "grad_rule": grad_rule}
+            passed = {"dim": dim, "grad_rule": grad_rule, "layout": layout}
             backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
         raise
     if n == 1:
         return tensor
     if validate:
-        backend.check_consistent(func, g, {"tensor": tensor}, {"dim": d, "grad_rule": rule})
+        agreed = {"dim": d, "grad_rule": rule, "layout": lay}
+        backend.check_consistent(func, g, {"tensor": tensor}, agreed)
+    if lay == "zigzag":
+        tensor = to_zigzag(backend, tensor, d, n)
     return backend.shard(tensor, d, g, rule)
+
+
+def check_divisible_zigzag(func: str, shape: tuple[int, ...], dim: int, n: int) -> None:
+    """ValueError unless ``shape[dim]`` splits into 2N equal chunks (``layout="zigzag"``)."""
+    size = shape[dim]
+    if size % (2 * n):
+        raise ValueError(
+            f"{func}: size {size} of dim {dim} (shape {tuple(shape)}) is not divisible by 2 x "
+            f"the sequence-parallel world size {n} = {2 * n} (layout='zigzag' gives each rank "
+            f"2 of 2N chunks); use sp_shard_with_padding(tensor, dim={dim}, layout='zigzag') "
+            f"to pad it by {-size % (2 * n)}."
+        )
 
 
 def sp_gather(
@@ -117,6 +140,7 @@ def sp_gather(
     pad_size: int = 0,
     group: Any = None,
     grad_rule: GatherGradRule | None = None,
+    layout: Layout = "contiguous",
 ) -> T:
     """All ranks' shards concatenated along ``dim`` in rank order, minus ``pad_size`` at the end.
 
@@ -136,6 +160,8 @@ def sp_gather(
             ``"reduce_scatter"``: ranks compute different terms of one loss, so the backward sums
             the gradients over ranks and keeps this rank's slice. Inside a torch module with an
             applied ``SPPlan`` the default is ``"reduce_scatter"``.
+        layout: the layout the shards were made with (``"contiguous"`` or ``"zigzag"``: the
+            shards' two chunks are put back in sequence order).
 
     Returns:
         The gathered tensor. torch: one collective; it gathers straight into the output when
@@ -149,18 +175,27 @@ def sp_gather(
         shape = backend.shape(tensor)
         d = normalize_dim(func, dim, shape)
         rule = gather_rule(func, grad_rule, backend.framework)
+        lay = check_layout(func, layout)
+        if lay == "zigzag" and n > 1 and shape[d] % 2:
+            raise ValueError(
+                f"{func}: a zigzag shard holds 2 equal chunks, but size {shape[d]} of dim {d} "
+                f"(shape {tuple(shape)}) is odd; gather zigzag shards made by sp_shard(..., "
+                "layout='zigzag') or pass layout='contiguous'."
+            )
         full_shape = (*shape[:d], shape[d] * n, *shape[d + 1 :])
         p = check_pad_size(func, pad_size, full_shape, d)
     except LOCAL_ERRORS as e:
         if n > 1 and validate is not False:
-            passed = {"dim": dim, "pad_size": pad_size, "grad_rule": grad_rule}
+            passed = {"dim": dim, "pad_size": pad_size, "grad_rule": grad_rule, "layout": layout}
             backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
         raise
     if n > 1:
         if validate:
-            agreed = {"dim": d, "pad_size": p, "grad_rule": rule}
+            agreed = {"dim": d, "pad_size": p, "grad_rule": rule, "layout": lay}
             backend.check_consistent(func, g, {"tensor": tensor}, agreed)
         tensor = backend.gather(tensor, d, g, rule)
+        if lay == "zigzag":
+            tensor = from_zigzag(backend, tensor, d, n)
     return backend.truncate(tensor, d, full_shape[d] - p) if p else tensor
 
 
@@ -171,6 +206,7 @@ def sp_shard_with_padding(
     *,
     group: Any = None,
     grad_rule: ShardGradRule | None = None,
+    layout: Layout = "contiguous",
 ) -> tuple[T, int]:
     """Pad ``tensor`` at the end of ``dim`` to a multiple of N, then shard it.
 
@@ -183,7 +219,9 @@ def sp_shard_with_padding(
     integer dtype, 300 for uint8, 1e6 for float16, inf for float8_e4m3fn, 0.0 for
     float8_e8m0fnu) raises ValueError; any NaN pads the dtype's canonical NaN. Undo the padding with
     ``sp_gather(..., pad_size=pad_size)`` or :func:`sp_unpad`. ``grad_rule`` as in
-    :func:`sp_shard`.
+    :func:`sp_shard`. ``layout="zigzag"`` pads to a multiple of 2N instead
+    (``[..., ceil(S / 2N) * 2, ...]``), then shards as ``sp_shard(..., layout="zigzag")``; the
+    padding stays at the end of the sequence (in the last rank's first chunk and beyond).
     """
     func = "sp_shard_with_padding"
     backend, g, n = resolve(func, tensor, group)
@@ -192,18 +230,22 @@ def sp_shard_with_padding(
         d = normalize_dim(func, dim, shape)
         rule = shard_rule(func, grad_rule, backend.framework)
         fill = check_pad_value(func, pad_value, backend.dtype_info(tensor))
+        lay = check_layout(func, layout)
         if n > 1:
             backend.check_shard_rule(func, tensor, g, rule)
     except LOCAL_ERRORS as e:
         if n > 1:
-            passed = {"dim": dim, "pad_value": pad_value, "grad_rule": grad_rule}
+            passed = {"dim": dim, "pad_value": pad_value, "grad_rule": grad_rule, "layout": layout}
             backend.check_consistent(func, g, {"tensor": tensor}, passed, e)
         raise
     if n == 1:
         return tensor, 0
-    p = pad_size_for(shape[d], n)
-    agreed = {"dim": d, "pad_value": fill, "grad_rule": rule}
+    p = pad_size_for(shape[d], n * parts(lay))
+    agreed = {"dim": d, "pad_value": fill, "grad_rule": rule, "layout": lay}
     backend.check_consistent(func, g, {"tensor": tensor}, agreed)
+    if lay == "zigzag":
+        padded = backend.pad_end(tensor, d, p, fill) if p else tensor
+        return backend.shard(to_zigzag(backend, padded, d, n), d, g, rule), p
     if not p:
         return backend.shard(tensor, d, g, rule), 0
     # Only this rank's padded chunk is built (the JAX backend pads, then slices: XLA fuses it).

@@ -124,6 +124,15 @@ class Backend(Generic[GroupT]):
         b]``). Backward: the sum over the repeats."""
         raise NotImplementedError
 
+    def take(self, x: Any, dim: int, indices: tuple[int, ...]) -> Any:
+        """The elements ``indices`` of ``dim``, in that order (a copy). Backward: scattered
+        back."""
+        raise NotImplementedError
+
+    def arange(self, like: Any, length: int) -> Any:
+        """The int vector ``0 .. length-1`` (torch: on ``like``'s device)."""
+        raise NotImplementedError
+
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
         """``x`` with ``shape`` (one ``-1`` allowed)."""
         raise NotImplementedError

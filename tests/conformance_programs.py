@@ -69,6 +69,11 @@ def ulysses(x: Any, w: Any) -> Any:
     return (sp_gather(out, 1, pad_size=p) * w).sum()
 
 
+def zigzag(x: Any, w: Any) -> Any:
+    s, p = sp_shard_with_padding(x, 1, layout="zigzag")
+    return (sp_gather(s**3, 1, pad_size=p, layout="zigzag") * w).sum()
+
+
 def attention(x: Any, w: Any, strategy: str = "ulysses") -> Any:
     # Causal, grouped KV heads (6 query heads, 3 key/value heads: padded heads on 4 ranks
     # under Ulysses), a padded sequence.
@@ -108,6 +113,7 @@ ROWS: dict[str, Row] = {
     "shard_gather": Row(shard_gather, ("sp_shard", "sp_gather"), (2, 8, 3)),
     "padded": Row(padded, ("sp_shard_with_padding", "sp_gather"), (2, 10, 3)),
     "unpad": Row(unpad, ("sp_unpad",), (2, 10, 3)),
+    "zigzag": Row(zigzag, ("sp_shard_with_padding", "sp_gather"), (2, 10, 3)),
     "all_to_all": Row(all_to_all, ("sp_all_to_all",), (2, 8, 4, 3)),
     "reduce_scatter": Row(reduce_scatter, ("sp_reduce_scatter", "sp_gather"), (2, 8, 3)),
     "per_rank_terms": Row(per_rank_terms, ("sp_shard", "sp_gather"), (2, 8, 3), per_rank=True),

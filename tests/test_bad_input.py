@@ -468,6 +468,25 @@ def argument_cases() -> list[Case]:
     for label, args, kwargs, error, value in attention_checked:
         for call in ATTENTION:
             cases.append(Case(label, call, args, error, (value,), kwargs))
+    for call in ("sp_shard", "sp_gather", pad):
+        for layout in ("ring", None, "Zigzag"):
+            says = (f"layout={layout!r} is not one of", "'zigzag'")
+            args = (X, 1)
+            kwargs = {"layout": layout}
+            cases.append(Case(f"layout {layout!r}", call, args, ValueError, says, kwargs))
+    cases.append(
+        dataclasses.replace(
+            Case(
+                "zigzag S=6 on 2 ranks",
+                "sp_shard",
+                (T((2, 6)), 1),
+                ValueError,
+                ("not divisible by 2 x the sequence-parallel world size 2 = 4", "pad it by 2"),
+                {"layout": "zigzag"},
+            ),
+            worlds=(2,),
+        )
+    )
     for strategy, error in (("ring", ValueError), (None, ValueError), (1, ValueError)):
         says = (f"strategy={strategy!r}", "'ulysses'")
         cases.append(

@@ -236,6 +236,13 @@ MISMATCHES = [
         ((Q, Q, Q), (T((1, 4, 3, 3)), Q, Q)),
         ("grouped-query", ONLY_RANK_1),
     ),
+    Mismatch(
+        "ranks pass different layouts",
+        "sp_shard",
+        ((T((2, 8)), 1), (T((2, 8)), 1)),
+        ("layout='zigzag'", "layout='contiguous'"),
+        ({"layout": "zigzag"}, {}),
+    ),
     # sp_attention
     Mismatch(
         "ranks pass different causal flags",
