@@ -25,7 +25,8 @@ def attention(
     scale: float,
     causal: bool,
     key_mask: jax.Array | None,
-    q_offset: jax.Array | int = 0,
+    q_positions: jax.Array | None = None,
+    k_positions: jax.Array | None = None,
 ) -> jax.Array:
     """See ``sp_common.backend.Backend.attention``."""
     batch, sq, hq, d = q.shape
@@ -37,9 +38,11 @@ def attention(
     pad = blocks * size - sk
     masked = key_mask is not None or causal or pad > 0
     valid = jnp.ones((1, sk), bool) if key_mask is None else key_mask
+    k_pos = jnp.arange(sk) if k_positions is None else k_positions
     if pad:
         k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (k, v))
         valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        k_pos = jnp.pad(k_pos, (0, pad))
     # Batched-matmul layout: the G query heads of a key/value head (h = kv * G + g) are stacked
     # as rows, [B, Hkv, G * Sq, D]; keys [B, Hkv, Sk, D], in blocks along Sk.
     rows = q.reshape(batch, sq, hkv, groups, d).transpose(0, 2, 3, 1, 4)
@@ -47,16 +50,17 @@ def attention(
     kb = k.transpose(0, 2, 1, 3).reshape(batch, hkv, blocks, size, d).transpose(2, 0, 1, 3, 4)
     vb = v.transpose(0, 2, 1, 3).reshape(batch, hkv, blocks, size, dv).transpose(2, 0, 1, 3, 4)
     mb = valid.reshape(valid.shape[0], blocks, size).swapaxes(0, 1)
-    q_pos = jnp.tile(jnp.arange(sq), groups) + q_offset
+    pb = k_pos.reshape(blocks, size)
+    q_pos = jnp.tile(jnp.arange(sq) if q_positions is None else q_positions, groups)
 
     def step(carry: tuple[jax.Array, ...], block: tuple[jax.Array, ...]) -> tuple:
         m, total, o = carry  # running max and sum [B, Hkv, G * Sq], output [.., G * Sq, Dv]
-        kj, vj, mj, start = block
+        kj, vj, mj, kp = block
         s = jnp.einsum("bhqd,bhkd->bhqk", rows, kj, preferred_element_type=acc) * scale
         if masked:
             allowed = mj[:, None, None, :]
             if causal:
-                allowed = allowed & (start + jnp.arange(size)[None, :] <= q_pos[:, None])
+                allowed = allowed & (kp[None, :] <= q_pos[:, None])
             s = jnp.where(allowed, s, -jnp.inf)
         # The result does not depend on the running max (it cancels), so the max is a constant
         # to differentiation, in every block alike; a row with no key so far keeps max -inf and
@@ -74,12 +78,11 @@ def attention(
         jnp.zeros((batch, hkv, groups * sq), acc),
         jnp.zeros((batch, hkv, groups * sq, dv), acc),
     )
-    starts = jnp.arange(blocks) * size
     # The first block outside the scan: its carry has the types (and, under shard_map, the
     # device variance) of every later one.
-    carry, _ = step(init, (kb[0], vb[0], mb[0], starts[0]))
+    carry, _ = step(init, (kb[0], vb[0], mb[0], pb[0]))
     if blocks > 1:
-        later = (kb[1:], vb[1:], mb[1:], starts[1:])
+        later = (kb[1:], vb[1:], mb[1:], pb[1:])
         carry, _ = lax.scan(jax.checkpoint(step), carry, later)
     _, total, o = carry
     out = jnp.where(total[..., None] > 0, o / jnp.where(total > 0, total, 1.0)[..., None], 0.0)

@@ -14,20 +14,22 @@ def attention(
     scale: float,
     causal: bool,
     key_mask: torch.Tensor | None,
-    q_offset: int = 0,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See ``sp_common.backend.Backend.attention``. One SDPA call on ``[B, H, S, D]`` views:
     grouped heads through ``enable_gqa``; causal alone through ``is_causal`` (the fused kernels
     take it), with a key mask as one bool ``[B | 1, 1, Sq, Sk]`` mask. SDPA gives fully masked
     queries zeros and zero gradients (checked by the tests)."""
     sq, sk = q.shape[1], k.shape[1]
+    aligned = q_positions is None and k_positions is None and sq == sk
     mask = None
     if key_mask is not None:
         mask = key_mask[:, None, None, :]
         if causal:
-            mask = mask & _causal(sq, sk, q_offset, q.device)
-    elif causal and (sq != sk or q_offset != 0):
-        mask = _causal(sq, sk, q_offset, q.device)
+            mask = mask & _causal(sq, sk, q_positions, k_positions, q.device)
+    elif causal and not aligned:
+        mask = _causal(sq, sk, q_positions, k_positions, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -40,7 +42,15 @@ def attention(
     return out.transpose(1, 2)
 
 
-def _causal(sq: int, sk: int, q_offset: int, device: torch.device) -> torch.Tensor:
-    """``[Sq, Sk]``: query i (at position ``q_offset + i``) attends key j <= that position."""
-    positions = torch.arange(sq, device=device) + q_offset
-    return torch.arange(sk, device=device)[None, :] <= positions[:, None]
+def _causal(
+    sq: int,
+    sk: int,
+    q_positions: torch.Tensor | None,
+    k_positions: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """``[Sq, Sk]``: a query attends the keys at positions up to its own (default positions:
+    ``0 .. Sq-1`` and ``0 .. Sk-1``)."""
+    q_pos = torch.arange(sq, device=device) if q_positions is None else q_positions
+    k_pos = torch.arange(sk, device=device) if k_positions is None else k_positions
+    return k_pos[None, :] <= q_pos[:, None]

@@ -105,18 +105,19 @@ class Backend(Generic[GroupT]):
         scale: float,
         causal: bool,
         key_mask: Any,
-        q_offset: Any = 0,
+        q_positions: Any = None,
+        k_positions: Any = None,
     ) -> Any:
         """Local softmax attention, the kernel every strategy calls.
 
         Shapes: q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` ->
         ``[B, Sq, Hq, Dv]`` in q's dtype, with ``Hkv`` dividing ``Hq`` (query head h reads
         key/value head ``h // (Hq / Hkv)``). Query i attends key j where ``key_mask[b, j]``
-        (bool ``[B | 1, Sk]``; None: every key) and, if ``causal``, ``j <= q_offset + i``
-        (``q_offset``: the position of the first query among the keys; an int, or a traced
-        JAX int such as ``axis_index * s``). A query with no
-        key to attend gets zeros (and zero gradients). Accurate to the dtype: half types
-        accumulate in float32, float64 in float64."""
+        (bool ``[B | 1, Sk]``; None: every key) and, if ``causal``, the key's sequence position
+        is at most the query's: ``k_positions[j] <= q_positions[i]`` (int vectors of length
+        Sq and Sk, traced in JAX where they depend on ``axis_index``; None: ``0 .. S-1``). A
+        query with no key to attend gets zeros (and zero gradients). Accurate to the dtype:
+        half types accumulate in float32, float64 in float64."""
         raise NotImplementedError
 
     def repeat_interleave(self, x: Any, dim: int, repeats: int) -> Any:

@@ -29,12 +29,13 @@ class AttnCase:
     dv: int = 8
     seed: int = 0
     strategy: str = "ulysses"
+    layout: str = "contiguous"
 
     @property
     def label(self) -> str:
         return (
             f"n{self.n}-S{self.seq}-H{self.hq}/{self.hkv}-{'causal' if self.causal else 'full'}"
-            f"-mask_{self.mask}-{self.dtype}-{self.strategy}"
+            f"-mask_{self.mask}-{self.dtype}-{self.strategy}-{self.layout}"
         )
 
 
@@ -79,15 +80,27 @@ def torch_attention(cases: list[AttnCase]) -> list[dict[str, Any]]:
     for case in cases:
         data = case_inputs(case)
         q, k, v = (to_torch(data[n]).requires_grad_() for n in ("q", "k", "v"))
-        (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1) for t in (q, k, v))
+        lay = case.layout
+        (qs, pad), (ks, _), (vs, _) = (
+            sp.sp_shard_with_padding(t, 1, layout=lay) for t in (q, k, v)
+        )
         mask = data["key_mask"]
         local_mask = None
         if mask is not None:
             local_mask, _ = sp.sp_shard_with_padding(
-                torch.from_numpy(mask), mask.ndim - 1, pad_value=False
+                torch.from_numpy(mask), mask.ndim - 1, pad_value=False, layout=lay
             )
-        out = sp.sp_attention(qs, ks, vs, causal=case.causal, seq_len=case.seq, key_mask=local_mask)
-        full = sp.sp_gather(out, 1, pad_size=pad)
+        out = sp.sp_attention(
+            qs,
+            ks,
+            vs,
+            strategy=case.strategy,
+            causal=case.causal,
+            seq_len=case.seq,
+            key_mask=local_mask,
+            layout=lay,
+        )
+        full = sp.sp_gather(out, 1, pad_size=pad, layout=lay)
         (full.double() * to_torch(data["grad_out"])).sum().backward()
         results.append(
             {

@@ -43,6 +43,7 @@ LENGTHS = {"divides": lambda n: 2 * n, "pads": lambda n: 2 * n + 3, "short": lam
 
 FACTORS = {
     "strategy": ("ulysses", "allgather_kv"),
+    "layout": ("contiguous", "zigzag"),
     "causal": (False, True),
     "kv": ("mha", "gqa", "mqa"),
     "length": tuple(LENGTHS),
@@ -94,6 +95,7 @@ def cases_for(n: int) -> list[AttnCase]:
                 c["dtype"],
                 seed=i,
                 strategy=c["strategy"],
+                layout=c["layout"],
             )
         )
     return out
@@ -125,11 +127,15 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
     data = case_inputs(case)
     mask = None if data["key_mask"] is None else jnp.asarray(data["key_mask"])
 
+    lay = case.layout
+
     def body(q, k, v, mask):
-        (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1) for t in (q, k, v))
+        (qs, pad), (ks, _), (vs, _) = (
+            sp.sp_shard_with_padding(t, 1, layout=lay) for t in (q, k, v)
+        )
         local = None
         if mask is not None:
-            local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False)
+            local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False, layout=lay)
         out = sp.sp_attention(
             qs,
             ks,
@@ -138,8 +144,9 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
             causal=case.causal,
             seq_len=case.seq,
             key_mask=local,
+            layout=lay,
         )
-        return sp.sp_gather(out, 1, pad_size=pad)
+        return sp.sp_gather(out, 1, pad_size=pad, layout=lay)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P()))
     args = [jnp.asarray(data[name]) for name in ("q", "k", "v")]
@@ -284,15 +291,22 @@ def test_torch_compile_traces_causal_grouped_attention_in_one_graph(seq, torch_r
 
 @pytest.mark.usefixtures("jax_x64")
 @pytest.mark.parametrize(
-    ("n", "strategy"), [(1, "ulysses"), (2, "ulysses"), (2, "allgather_kv"), (4, "allgather_kv")]
+    ("n", "strategy", "layout"),
+    [
+        (1, "ulysses", "contiguous"),
+        (2, "ulysses", "contiguous"),
+        (2, "ulysses", "zigzag"),
+        (2, "allgather_kv", "contiguous"),
+        (4, "allgather_kv", "zigzag"),
+    ],
 )
-def test_the_jax_kernel_walks_the_keys_in_blocks_exactly(n, strategy, monkeypatch) -> None:
+def test_the_jax_kernel_walks_the_keys_in_blocks_exactly(n, strategy, layout, monkeypatch) -> None:
     """Blocks of 4 keys over 11 (+1 padded) keys: the online softmax across blocks, a padded
     last block, causal masks that cut blocks, and a batch row with no key at all."""
     import backend_jax.attention
 
     monkeypatch.setattr(backend_jax.attention, "KEY_BLOCK", 4)
-    case = AttnCase(n, 11, 6, 2, True, "batch", "float64", strategy=strategy)
+    case = AttnCase(n, 11, 6, 2, True, "batch", "float64", strategy=strategy, layout=layout)
     if n == 1:
         data = case_inputs(case)
         mask = jnp.asarray(data["key_mask"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import Backend
+from ..layouts import Layout, positions, sequence_positions
 from .checks import AttentionShapes
 from .masks import valid_keys
 
@@ -19,6 +20,7 @@ def allgather_kv(
     shapes: AttentionShapes,
     causal: bool,
     key_mask: Any,
+    layout: Layout,
 ) -> Any:
     """This rank's queries over the whole sequence's keys and values, by one gather of each.
 
@@ -27,19 +29,29 @@ def allgather_kv(
         q [B, s, Hq, D]   k [B, s, Hkv, D]   v [B, s, Hkv, Dv]      sequence-sharded
         -> gather k and v along the sequence
         k [B, S_pad, Hkv, D]   v [B, S_pad, Hkv, Dv]                  every rank
-        -> local attention of this rank's queries (at positions r * s ...), causal, padded and
-           masked keys never attended
+        -> local attention of this rank's queries at their sequence positions (r * s ... in
+           the contiguous layout), causal, padded and masked keys never attended
         out [B, s, Hq, Dv]                                            sequence-sharded
 
     Any head count (heads are never split). Every rank's queries read every key, so the
     gradient of a gathered key sums the terms of all ranks: the gathers' backward is the
     reduce-scatter. Memory: the whole K and V on every rank (O(S)).
     """
-    mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
     if n == 1:
+        mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
         return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
+    keys = sequence_positions(layout, backend.arange(q, shapes.padded), shapes.local, n)
+    mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real, keys)
+    local = backend.arange(q, shapes.local)
+    queries = positions(layout, local, shapes.local, n, backend.rank(group))
     k, v = (backend.gather(t, 1, group, "reduce_scatter") for t in (k, v))
-    offset = backend.rank(group) * shapes.local
     return backend.attention(
-        q, k, v, scale=shapes.scale, causal=causal, key_mask=mask, q_offset=offset
+        q,
+        k,
+        v,
+        scale=shapes.scale,
+        causal=causal,
+        key_mask=mask,
+        q_positions=queries,
+        k_positions=keys,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from ..api import LOCAL_ERRORS, resolve
+from ..layouts import Layout, check_layout
 from .allgather_kv import allgather_kv
 from .checks import check_attention
 from .ulysses import ulysses
@@ -27,12 +28,13 @@ def sp_attention(
     key_mask: Any = None,
     scale: float | None = None,
     group: Any = None,
+    layout: Layout = "contiguous",
 ) -> T:
     """Softmax attention over a sequence sharded across the SP ranks: what full attention over
     the unsharded sequence returns at this rank's positions, forward and gradients.
 
     Shapes (this rank's ``s`` tokens of a sequence sharded with ``sp_shard`` or
-    ``sp_shard_with_padding``, contiguous layout, padding at the end)::
+    ``sp_shard_with_padding`` in ``layout``, padding at the end of the sequence)::
 
         q [B, s, Hq, D]   k [B, s, Hkv, D]   v [B, s, Hkv, Dv]   ->   out [B, s, Hq, Dv]
 
@@ -55,6 +57,9 @@ def sp_attention(
             concatenated per rank) are exact.
         scale: the softmax scale, default ``1 / sqrt(D)``.
         group: the SP group (see ``sp_shard``).
+        layout: the layout q, k, v (and ``key_mask``) were sharded in, ``"contiguous"`` or
+            ``"zigzag"`` (see ``sp_common.layouts``); ``causal`` and ``seq_len`` refer to
+            sequence positions either way.
 
     Returns:
         ``out [B, s, Hq, Dv]`` in q's dtype. A query that may attend no key at all (every key
@@ -72,7 +77,7 @@ def sp_attention(
     k, v and key_mask, and on ``strategy``, ``causal``, ``seq_len`` and ``scale``.
     """
     return attention_call(
-        "sp_attention", q, k, v, strategy, causal, seq_len, key_mask, scale, group
+        "sp_attention", q, k, v, strategy, causal, seq_len, key_mask, scale, group, layout
     )
 
 
@@ -87,13 +92,20 @@ def attention_call(
     key_mask: object,
     scale: object,
     group: Any,
+    layout: object,
 ) -> Any:
     """``sp_attention`` as called by ``func`` (errors name it)."""
     backend, g, n = resolve(func, q, group)
     tensors = {"q": q, "k": k, "v": v}
     if key_mask is not None:
         tensors["key_mask"] = key_mask
-    options = {"strategy": strategy, "causal": causal, "seq_len": seq_len, "scale": scale}
+    options = {
+        "strategy": strategy,
+        "causal": causal,
+        "seq_len": seq_len,
+        "scale": scale,
+        "layout": layout,
+    }
     try:
         shapes = check_attention(
             func,
@@ -108,6 +120,12 @@ def attention_call(
             key_mask=key_mask,
             scale=scale,
         )
+        lay = check_layout(func, layout)
+        if lay == "zigzag" and n > 1 and shapes.local % 2:
+            raise ValueError(
+                f"{func}: layout='zigzag' shards hold 2 equal chunks, but q holds {shapes.local} "
+                "tokens (odd); shard q, k, v with sp_shard_with_padding(..., layout='zigzag')."
+            )
     except LOCAL_ERRORS as e:
         if n > 1:
             backend.check_consistent(func, g, tensors, options, e)
@@ -116,7 +134,7 @@ def attention_call(
         agreed = {**options, "seq_len": shapes.real, "scale": shapes.scale}
         backend.check_consistent(func, g, tensors, agreed)
     assert isinstance(causal, bool) and isinstance(strategy, str)  # checked above
-    return _STRATEGY[strategy](backend, g, n, q, k, v, shapes, causal, key_mask)
+    return _STRATEGY[strategy](backend, g, n, q, k, v, shapes, causal, key_mask, lay)
 
 
 def sp_ulysses_attention(
@@ -129,6 +147,7 @@ def sp_ulysses_attention(
     key_mask: Any = None,
     scale: float | None = None,
     group: Any = None,
+    layout: Layout = "contiguous",
 ) -> T:
     """:func:`sp_attention` with ``strategy="ulysses"`` (DeepSpeed-Ulysses): two all-to-alls.
 
@@ -144,5 +163,5 @@ def sp_ulysses_attention(
     Arguments, results and errors as :func:`sp_attention`.
     """
     return attention_call(
-        "sp_ulysses_attention", q, k, v, "ulysses", causal, seq_len, key_mask, scale, group
+        "sp_ulysses_attention", q, k, v, "ulysses", causal, seq_len, key_mask, scale, group, layout
     )

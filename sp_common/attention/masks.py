@@ -65,16 +65,30 @@ def check_key_mask(func: str, backend: Backend[Any], key_mask: Any, batch: int, 
 
 
 def valid_keys(
-    backend: Backend[Any], group: Any, n: int, like: Any, key_mask: Any, padded: int, real: int
+    backend: Backend[Any],
+    group: Any,
+    n: int,
+    like: Any,
+    key_mask: Any,
+    padded: int,
+    real: int,
+    key_positions: Any = None,
 ) -> Any:
-    """The keys every query may attend, over the whole padded sequence: ``[B | 1, S_pad]``
-    bool (the gathered ``key_mask`` and the positions below ``real``), or None when all are."""
+    """The keys every query may attend, over the whole padded sequence in rank order:
+    ``[B | 1, S_pad]`` bool (the gathered ``key_mask`` and the keys at sequence positions
+    below ``real``; ``key_positions``: those positions, None for ``0 .. S_pad-1``), or None
+    when all are."""
     mask = None
     if key_mask is not None:
         if len(backend.shape(key_mask)) == 1:
             key_mask = backend.reshape(key_mask, (1, -1))
         mask = backend.gather(key_mask, 1, group, "slice") if n > 1 else key_mask
     if real < padded:
-        real_keys = backend.reshape(backend.valid_mask(like, padded, real), (1, -1))
+        real_keys = (
+            backend.valid_mask(like, padded, real)
+            if key_positions is None
+            else key_positions < real
+        )
+        real_keys = backend.reshape(real_keys, (1, -1))
         mask = real_keys if mask is None else backend.logical_and(mask, real_keys)
     return mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import Backend
+from ..layouts import Layout, sequence_positions
 from .checks import AttentionShapes
 from .heads import head_layout
 from .masks import valid_keys
@@ -20,6 +21,7 @@ def ulysses(
     shapes: AttentionShapes,
     causal: bool,
     key_mask: Any,
+    layout: Layout,
 ) -> Any:
     """Attention of this rank's queries over the whole sequence, by two all-to-alls.
 
@@ -34,16 +36,32 @@ def ulysses(
         out [B, S_pad, Hq'/N, Dv]
         -> all-to-all (scatter sequence, gather heads), drop padded heads
         out [B, s, Hq, Dv]                                           sequence-sharded again
+
+    The all-to-all concatenates the shards in rank order; under ``layout="zigzag"`` that is
+    not sequence order, so the kernel gets the sequence position of every query and key.
     """
-    mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
+    order = None
+    if layout == "zigzag" and n > 1:
+        index = backend.arange(q, shapes.padded)
+        order = sequence_positions(layout, index, shapes.local, n)
+    mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real, order)
     if n == 1:
         return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
-    layout = head_layout(shapes.q_heads, shapes.kv_heads, n)
-    if layout.repeat > 1:
-        k, v = (backend.repeat_interleave(t, 2, layout.repeat) for t in (k, v))
-    if layout.pad:
-        q, k, v = (backend.pad_end(t, 2, layout.pad, 0) for t in (q, k, v))
+    heads = head_layout(shapes.q_heads, shapes.kv_heads, n)
+    if heads.repeat > 1:
+        k, v = (backend.repeat_interleave(t, 2, heads.repeat) for t in (k, v))
+    if heads.pad:
+        q, k, v = (backend.pad_end(t, 2, heads.pad, 0) for t in (q, k, v))
     q, k, v = (backend.all_to_all(t, 2, 1, group) for t in (q, k, v))
-    out = backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
+    out = backend.attention(
+        q,
+        k,
+        v,
+        scale=shapes.scale,
+        causal=causal,
+        key_mask=mask,
+        q_positions=order,
+        k_positions=order,
+    )
     out = backend.all_to_all(out, 1, 2, group)
-    return backend.truncate(out, 2, shapes.q_heads) if layout.pad else out
+    return backend.truncate(out, 2, shapes.q_heads) if heads.pad else out
