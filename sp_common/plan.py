@@ -18,6 +18,7 @@ from typing import Any
 
 from .api import sp_gather, sp_shard, sp_shard_with_padding
 from .backend import backend_for, plan_backend
+from .layouts import Layout, check_layout
 
 
 class PlanError(ValueError):
@@ -56,6 +57,10 @@ class ShardInput:
     removed by the :class:`GatherOutput` with the same ``name``). ``ndim``, when given, is the
     input's expected number of dims.
 
+    ``layout``: ``"contiguous"`` or ``"zigzag"`` (see ``sp_common.layouts``); the
+    :class:`GatherOutput` of the same name gathers in the same layout, and ``sp_attention``
+    inside the forward pass must be called with it.
+
     ``gather=False`` marks an input that is consumed and never gathered (token ids,
     ``position_ids``, the text stream of a joint-attention model): its name must have no
     :class:`GatherOutput`. A name is sharded at most once per forward pass while it is open
@@ -69,8 +74,10 @@ class ShardInput:
     pad_value: float = 0.0
     name: str = "sequence"
     gather: bool = True
+    layout: str = "contiguous"
 
     def __post_init__(self) -> None:
+        check_layout("ShardInput", self.layout)
         _check_fields(
             self,
             {
@@ -82,6 +89,7 @@ class ShardInput:
                 "pad_value": (numbers.Number, bool),
                 "name": (str,),
                 "gather": (bool,),
+                "layout": (str,),
             },
         )
 
@@ -188,6 +196,7 @@ class PlanRun:
     def __init__(self, replay_of: PlanRun | None = None) -> None:
         self.pads: dict[str, int] = {} if replay_of is None else dict(replay_of.pads)
         self.lengths: dict[str, int] = {} if replay_of is None else dict(replay_of.lengths)
+        self.layouts: dict[str, Layout] = {} if replay_of is None else dict(replay_of.layouts)
         self.open: dict[str, str] = {}  # name -> where it was sharded
         self.consumed: dict[str, str] = {}  # gather=False name -> where it was sharded
         self.replay = replay_of is not None
@@ -210,12 +219,14 @@ class PlanRun:
         except PlanError as e:
             _announce("SP plan shard", value, spec.dim, e)
             raise
+        layout = check_layout("ShardInput", spec.layout)
         if spec.pad:
-            out, pad = sp_shard_with_padding(value, spec.dim, spec.pad_value, **rule)
+            out, pad = sp_shard_with_padding(value, spec.dim, spec.pad_value, layout=layout, **rule)
         else:
-            out, pad = sp_shard(value, spec.dim, **rule), 0
+            out, pad = sp_shard(value, spec.dim, layout=layout, **rule), 0
         self.pads[spec.name] = pad
         self.lengths[spec.name] = shape[spec.dim]
+        self.layouts[spec.name] = layout
         (self.open if spec.gather else self.consumed)[spec.name] = where
         return out
 
@@ -235,7 +246,8 @@ class PlanRun:
         except PlanError as e:
             _announce("SP plan gather", value, spec.dim, e)
             raise
-        return sp_gather(value, spec.dim, pad_size=self.pads[spec.name], **rule)
+        layout = self.layouts.get(spec.name, "contiguous")
+        return sp_gather(value, spec.dim, pad_size=self.pads[spec.name], layout=layout, **rule)
 
     def abandon(self) -> None:
         """Forget the open names: the forward pass is failing with an error of its own."""
@@ -252,7 +264,11 @@ class PlanRun:
             )
 
     def same_state(self, other: PlanRun) -> bool:
-        return (self.pads, self.lengths) == (other.pads, other.lengths)
+        mine, theirs = (
+            (self.pads, self.lengths, self.layouts),
+            (other.pads, other.lengths, other.layouts),
+        )
+        return mine == theirs
 
 
 _NO_DEFAULT: Any = object()

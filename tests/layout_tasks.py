@@ -28,3 +28,22 @@ def zigzag_gradient(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     out = sp.sp_gather(shard**3, 1, pad_size=pad, layout="zigzag")
     (out * to_torch(w)).sum().backward()
     return to_numpy(t.grad)
+
+
+def planned_zigzag(x: np.ndarray, attention_layout: str) -> dict[str, Any]:
+    """A torch module planned with ShardInput(layout='zigzag', pad=True): its causal attention
+    (called with ``attention_layout``) gathered back."""
+    import torch
+
+    class Block(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seq_len = sp.planned_seq_len(default=x.shape[1])
+            return sp.sp_attention(x, x, x, causal=True, seq_len=seq_len, layout=attention_layout)
+
+    plan = sp.SPPlan({"": (sp.ShardInput("x", 1, pad=True, layout="zigzag"), sp.GatherOutput(1))})
+    model = Block()
+    with sp.apply_plan(model, plan):
+        try:
+            return {"got": to_numpy(model(to_torch(x)))}
+        except ValueError as e:
+            return {"error": str(e)}

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import sp_common as sp
 from sp_common.layouts import positions, sequence_positions, zigzag_order
-from sp_common.testing import assert_bitwise, make_data
+from sp_common.testing import assert_bitwise, make_data, reference_attention
 from sp_common.testing.mesh import mesh_of
 
 from . import layout_tasks as tasks
@@ -135,3 +135,31 @@ def test_zigzag_errors_say_what_to_do(call, message) -> None:
         jax.jit(jax.shard_map(body, mesh=mesh_of(4), in_specs=P(), out_specs=P()))(
             jnp.zeros((1, 6, 2))
         )
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_plan_shards_zigzag_and_its_gather_and_attention_follow(n, torch_ranks) -> None:
+    x = make_data((1, 4 * n + 1, 2, 4), "float32", 3, specials=False)
+    want = reference_attention(x, x, x, causal=True)
+    for rank, r in enumerate(torch_ranks(n).run(tasks.planned_zigzag, x, "zigzag")):
+        np.testing.assert_allclose(r["got"], want, rtol=1e-5, atol=1e-6, err_msg=str(rank))
+    for r in torch_ranks(n).run(tasks.planned_zigzag, x, "contiguous"):
+        assert "layout='contiguous', but the planned forward pass" in r["error"]
+        assert "pass layout='zigzag'" in r["error"]
+
+
+def test_a_jax_plan_shards_zigzag_and_gathers_back() -> None:
+    x = make_data((1, 11, 2, 4), "float32", 4, specials=False)
+
+    def f(x):
+        return sp.sp_attention(x, x, x, causal=True, seq_len=sp.planned_seq_len(), layout="zigzag")
+
+    plan = sp.SPPlan({"": (sp.ShardInput("x", 1, pad=True, layout="zigzag"), sp.GatherOutput(1))})
+    got = sp.apply_plan(f, plan, mesh=mesh_of(4))(jnp.asarray(x))
+    want = reference_attention(x, x, x, causal=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_input_rejects_an_unknown_layout() -> None:
+    with pytest.raises(ValueError, match=r"ShardInput: layout='ring' is not one of"):
+        sp.ShardInput("x", 1, layout="ring")

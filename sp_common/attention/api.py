@@ -7,6 +7,7 @@ from typing import Any, Literal, TypeVar
 
 from ..api import LOCAL_ERRORS, resolve
 from ..layouts import Layout, check_layout
+from ..plan import active_run
 from .allgather_kv import allgather_kv
 from .checks import check_attention
 from .ulysses import ulysses
@@ -121,6 +122,7 @@ def attention_call(
             scale=scale,
         )
         lay = check_layout(func, layout)
+        check_planned_layout(func, lay)
         if lay == "zigzag" and n > 1 and shapes.local % 2:
             raise ValueError(
                 f"{func}: layout='zigzag' shards hold 2 equal chunks, but q holds {shapes.local} "
@@ -135,6 +137,19 @@ def attention_call(
         backend.check_consistent(func, g, tensors, agreed)
     assert isinstance(causal, bool) and isinstance(strategy, str)  # checked above
     return _STRATEGY[strategy](backend, g, n, q, k, v, shapes, causal, key_mask, lay)
+
+
+def check_planned_layout(func: str, layout: str) -> None:
+    """ValueError when the planned forward pass running now sharded its sequences in a
+    layout other than ``layout`` (attention would read the positions wrong)."""
+    run = active_run()
+    used = sorted(set(run.layouts.values())) if run is not None else []
+    if used and layout not in used:
+        raise ValueError(
+            f"{func}: layout={layout!r}, but the planned forward pass running now sharded its "
+            f"sequences with layout {used[0]!r} (ShardInput(..., layout=...)); pass "
+            f"layout={used[0]!r}."
+        )
 
 
 def sp_ulysses_attention(
