@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	# The peer for the padding row: its sp_sharding module alone (imports shimmed in peers.py).
 	$(PY) -m pip install -q --no-deps vllm-omni==0.30.0
+	$(PY) -m pip install -q --no-deps yunchang==0.6.4
 	$(PY) -m benchmarks.run
 
 # On GPU machines (not part of `make test`): tests/test_gpu.py on NCCL ranks and a JAX GPU mesh,

@@ -8,8 +8,10 @@ call is blocked on its result (``jax_fences``); candidates run interleaved
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -18,7 +20,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sp_common import sp_all_to_all, sp_gather
+from backend_jax.attention import attention as local_attention
+from sp_common import sp_all_to_all, sp_attention, sp_gather
 from sp_common.testing import Timings, interleaved, jax_fences, make_data
 
 
@@ -62,5 +65,53 @@ def all_to_all_vs_raw(mesh: Mesh, shape: tuple[int, ...], repeats: int) -> tuple
         assert np.array_equal(np.asarray(ours(x)), np.asarray(raw(x)))
         hlo = {"sp_all_to_all": hlo_ops(ours, x), "lax.all_to_all": hlo_ops(raw, x)}
         fns = {"sp_all_to_all": lambda: ours(x), "lax.all_to_all": lambda: raw(x)}
+        times = interleaved(fns, repeats, fences=jax_fences())
+    return times, hlo
+
+
+def attention_vs_floor(
+    mesh: Mesh, shape: tuple[int, ...], causal: bool, backward: bool, repeats: int
+) -> tuple[Timings, Any]:
+    """``sp_attention`` (Ulysses) inside ``jit(shard_map)`` on the global ``[B, S, H, D]`` q, k,
+    v sharded on the sequence vs the floor in one ``jit(shard_map)``: ``lax.all_to_all`` of q,
+    k, v to ``[B, S, H/N, D]``, the local kernel alone (``backend_jax.attention.attention``),
+    ``lax.all_to_all`` of the output back. ``backward``: the output and the q, k, v gradients
+    (``jax.vjp`` inside the shard_map; the output's gradient sharded as the output). Checks
+    first that the two agree bitwise (the same kernel on the same arrays); returns the timings
+    and both candidates' HLO op counts."""
+    spec = P(None, "sp")
+    sharding = NamedSharding(mesh, spec)
+    q, k, v, grad = (
+        jax.device_put(make_data(shape, "float32", seed, specials=False), sharding)
+        for seed in range(4)
+    )
+    scale = 1.0 / math.sqrt(shape[3])
+
+    def floor(qs: jax.Array, ks: jax.Array, vs: jax.Array) -> jax.Array:
+        qh, kh, vh = (lax.all_to_all(t, "sp", 2, 1, tiled=True) for t in (qs, ks, vs))
+        out = local_attention(qh, kh, vh, scale=scale, causal=causal, key_mask=None)
+        return lax.all_to_all(out, "sp", 1, 2, tiled=True)
+
+    def ours(qs: jax.Array, ks: jax.Array, vs: jax.Array) -> jax.Array:
+        return sp_attention(qs, ks, vs, strategy="ulysses", causal=causal)
+
+    def mapped(body: Callable[..., Any]) -> Any:
+        if not backward:
+            return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+
+        def step(qs: jax.Array, ks: jax.Array, vs: jax.Array, g: jax.Array) -> Any:
+            out, pull = jax.vjp(body, qs, ks, vs)
+            return (out, *pull(g))
+
+        return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4))
+
+    args = (q, k, v, grad) if backward else (q, k, v)
+    candidates = {"sp_attention": mapped(ours), "floor": mapped(floor)}
+    with jax.set_mesh(mesh):
+        got = {name: jax.tree.leaves(fn(*args)) for name, fn in candidates.items()}
+        for a, b in zip(got["sp_attention"], got["floor"], strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        hlo = {name: hlo_ops(fn, *args) for name, fn in candidates.items()}
+        fns = {name: partial(fn, *args) for name, fn in candidates.items()}
         times = interleaved(fns, repeats, fences=jax_fences())
     return times, hlo

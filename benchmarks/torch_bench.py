@@ -9,6 +9,7 @@ repeat and the median over repeats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -18,8 +19,16 @@ import torch.distributed as dist
 
 import sp_common.api
 from backend_torch import autograd, collectives
-from benchmarks.peers import vllm_omni_sp_sharding
-from sp_common import sp_all_to_all, sp_debug, sp_gather, sp_shard, sp_shard_with_padding
+from backend_torch.attention import attention as local_attention
+from benchmarks.peers import vllm_omni_sp_sharding, yunchang_ulysses
+from sp_common import (
+    sp_all_to_all,
+    sp_attention,
+    sp_debug,
+    sp_gather,
+    sp_shard,
+    sp_shard_with_padding,
+)
 from sp_common.testing import Timings, interleaved, make_data, to_torch, torch_fences
 
 # Every timed call starts right after a barrier of all ranks.
@@ -180,6 +189,97 @@ def all_to_all(shape: tuple[int, ...], scatter_dim: int, gather_dim: int, repeat
         return recv.movedim(0, gather_dim).reshape(out)  # a copy unless the dims before are 1
 
     fns = {"sp_all_to_all": lambda: sp_all_to_all(x, scatter_dim, gather_dim), "raw": raw}
+    return interleaved(fns, repeats, fences=_BARRIER)
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as they lie in memory, a 1-D view (``t`` dense, its dims in any order:
+    SDPA returns ``[B, S, H, D]`` views of ``[B, H, S, D]`` memory); never a copy."""
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda i: -strides[i])
+    return t.permute(order).view(-1)
+
+
+def _raw_all_to_all(t: torch.Tensor) -> torch.Tensor:
+    """One ``all_to_all_single`` of ``t``'s bytes as they lie into a new buffer: the
+    collective alone, no relayout."""
+    send = _memory_order(t)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    return recv
+
+
+def attention_vs_floor(
+    shape: tuple[int, ...], causal: bool, backward: bool, repeats: int
+) -> Timings:
+    """``sp_attention`` (Ulysses) on this rank's ``[B, S/N, H, D]`` q, k, v vs the floor, the
+    least work Ulysses must do: the same local SDPA call (``backend_torch.attention``) on
+    ``[B, S, H/N, D]`` q, k, v laid out beforehand, plus one raw ``all_to_all_single`` of the
+    same bytes per tensor Ulysses exchanges (q, k, v in, the output back: 4; with ``backward``
+    also the output's gradient in and dq, dk, dv back: 8). ``backward``: each call is the
+    forward pass plus ``torch.autograd.grad`` of q, k, v (ours) or of the local inputs (floor).
+    ``shape`` is the global ``[B, S, H, D]``."""
+    b, length, heads, d = shape
+    n, r = dist.get_world_size(), dist.get_rank()
+    q, k, v, grad = (_seeded((b, length // n, heads, d), 4 * r + i) for i in range(4))
+    # The floor's inputs: what the all-to-all hands the kernel (copied, so that they are leaves).
+    qh, kh, vh, grad_h = (sp_all_to_all(t, 2, 1).clone() for t in (q, k, v, grad))
+    scale = 1.0 / math.sqrt(d)
+    with torch.no_grad():  # the floor's kernel does the work ours does, bit for bit
+        local = local_attention(qh, kh, vh, scale=scale, causal=causal, key_mask=None)
+        ours_out = sp_attention(q, k, v, strategy="ulysses", causal=causal)
+        if not torch.equal(sp_all_to_all(local, 1, 2), ours_out):
+            raise AssertionError(f"attention_vs_floor: outputs differ on rank {r} ({shape})")
+    for t in (q, k, v, qh, kh, vh):
+        t.requires_grad_(backward)
+
+    def ours() -> Any:
+        out = sp_attention(q, k, v, strategy="ulysses", causal=causal)
+        return torch.autograd.grad(out, (q, k, v), grad) if backward else out
+
+    def floor() -> Any:
+        for t in (q, k, v):
+            _raw_all_to_all(t.detach())
+        out = local_attention(qh, kh, vh, scale=scale, causal=causal, key_mask=None)
+        _raw_all_to_all(out.detach())
+        if not backward:
+            return out
+        _raw_all_to_all(grad)
+        grads = torch.autograd.grad(out, (qh, kh, vh), grad_h)
+        for g in grads:
+            _raw_all_to_all(g)
+        return grads
+
+    fns = {"sp_attention": ours, "floor": floor}
+    return interleaved(fns, repeats, fences=_BARRIER)
+
+
+def attention_vs_yunchang(shape: tuple[int, ...], causal: bool, repeats: int) -> Timings:
+    """The forward pass of ``sp_attention`` vs yunchang's ``LongContextAttention`` (Ulysses
+    over all ranks, ring degree 1; see ``benchmarks.peers.yunchang_ulysses``) on the same
+    ``[B, S/N, H, D]`` q, k, v, the same process group and the same local kernel (SDPA's math
+    backend, the one yunchang's only working CPU path calls; ours runs under
+    ``sdpa_kernel(MATH)``). Checks first that the two outputs are bitwise equal; empty Timings
+    when yunchang is not installed."""
+    peer = yunchang_ulysses()
+    if peer is None:
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, length, heads, d = shape
+    n, r = dist.get_world_size(), dist.get_rank()
+    q, k, v = (_seeded((b, length // n, heads, d), 4 * r + i) for i in range(3))
+
+    def ours() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return sp_attention(q, k, v, strategy="ulysses", causal=causal, group=peer.group)
+
+    def theirs() -> torch.Tensor:
+        return peer.forward(q, k, v, causal)
+
+    if not torch.equal(ours(), theirs()):
+        raise AssertionError(f"attention_vs_yunchang: outputs differ on rank {r} ({shape})")
+    fns = {"sp_attention": ours, "yunchang": theirs}
     return interleaved(fns, repeats, fences=_BARRIER)
 
 
