@@ -32,6 +32,8 @@ def attention(
     batch, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     groups = hq // hkv
+    if sk == 0:  # nothing to attend: every query gets zeros
+        return jnp.zeros((batch, sq, hq, dv), q.dtype)
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     blocks = -(-sk // KEY_BLOCK)
     size = -(-sk // blocks)

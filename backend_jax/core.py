@@ -146,6 +146,12 @@ class JaxBackend(Backend[AxisName]):
     def arange(self, like: jax.Array, length: int) -> jax.Array:
         return jnp.arange(length)
 
+    def to_float32(self, x: jax.Array) -> jax.Array:
+        return x.astype(jnp.float32)
+
+    def cast_like(self, x: jax.Array, like: jax.Array) -> jax.Array:
+        return x.astype(like.dtype)
+
     def reshape(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return x.reshape(shape)
 

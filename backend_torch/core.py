@@ -162,6 +162,12 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
     def arange(self, like: torch.Tensor, length: int) -> torch.Tensor:
         return torch.arange(length, device=like.device)
 
+    def to_float32(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def cast_like(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return x.to(like.dtype)
+
     def reshape(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return x.reshape(shape)
 

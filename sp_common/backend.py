@@ -134,6 +134,14 @@ class Backend(Generic[GroupT]):
         """The int vector ``0 .. length-1`` (torch: on ``like``'s device)."""
         raise NotImplementedError
 
+    def to_float32(self, x: Any) -> Any:
+        """``x`` cast to float32 (differentiable)."""
+        raise NotImplementedError
+
+    def cast_like(self, x: Any, like: Any) -> Any:
+        """``x`` cast to ``like``'s dtype (differentiable; a no-op where they agree)."""
+        raise NotImplementedError
+
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
         """``x`` with ``shape`` (one ``-1`` allowed)."""
         raise NotImplementedError

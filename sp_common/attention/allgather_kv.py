@@ -35,7 +35,8 @@ def allgather_kv(
 
     Any head count (heads are never split). Every rank's queries read every key, so the
     gradient of a gathered key sums the terms of all ranks: the gathers' backward is the
-    reduce-scatter. Memory: the whole K and V on every rank (O(S)).
+    reduce-scatter. Memory: the whole K and V on every rank (O(S)). Half types gather and
+    attend in float32 (their partial K/V gradients would round before the sum).
     """
     if n == 1:
         mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
@@ -44,8 +45,14 @@ def allgather_kv(
     mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real, keys)
     local = backend.arange(q, shapes.local)
     queries = positions(layout, local, shapes.local, n, backend.rank(group))
+    like = q
+    if backend.dtype_info(q).name.rsplit(".", 1)[-1] not in ("float32", "float64"):
+        # Half types: each rank's K/V gradient is a partial sum the reduce-scatter adds up; in
+        # the half type both would round (dV 0.12 off in bfloat16 on 2 ranks, 0.006 on one), so
+        # gather and attend in float32 (twice the K/V traffic) and round the output once.
+        q, k, v = (backend.to_float32(t) for t in (q, k, v))
     k, v = (backend.gather(t, 1, group, "reduce_scatter") for t in (k, v))
-    return backend.attention(
+    out = backend.attention(
         q,
         k,
         v,
@@ -55,3 +62,4 @@ def allgather_kv(
         q_positions=queries,
         k_positions=keys,
     )
+    return backend.cast_like(out, like)

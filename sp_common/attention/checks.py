@@ -76,6 +76,12 @@ def check_attention(
             f"{func}: q must be [B, s, Hq, D], k [B, s, Hkv, D] and v [B, s, Hkv, Dv] (this "
             f"rank's s tokens); got q {sq}, k {sk}, v {sv}."
         )
+    if sq[2] == 0 or sk[2] == 0 or sq[3] == 0:
+        raise ValueError(
+            f"{func}: q has {sq[2]} heads of size {sq[3]} and k, v {sk[2]} heads; attention "
+            "needs at least one head of size at least 1 on each (got q "
+            f"{sq}, k {sk})."
+        )
     if sq[2] % sk[2]:
         raise ValueError(
             f"{func}: q has {sq[2]} heads and k, v {sk[2]}; grouped-query attention needs the "

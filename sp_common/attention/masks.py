@@ -54,8 +54,8 @@ def check_key_mask(func: str, backend: Backend[Any], key_mask: Any, batch: int, 
     shape, info = backend.shape(key_mask), backend.dtype_info(key_mask)
     if info.kind != "bool":
         raise TypeError(
-            f"{func}: key_mask must be bool (True = attend), got {info.name}; pass mask > 0 or "
-            "mask.astype(bool)."
+            f"{func}: key_mask must be bool (True = attend), got {info.name}; pass mask > 0 "
+            "(torch: mask.bool(), JAX: mask.astype(bool))."
         )
     if shape not in ((batch, local), (local,)):
         raise ValueError(
