@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .attention_tasks import sharded_attention
+
 
 @dataclass(frozen=True)
 class Case:
@@ -156,24 +158,17 @@ def func_transforms(case: Case, ensemble: int) -> dict[str, Any]:
 
     import torch
 
-    import sp_common as sp
-
     def block(q: Any, k: Any, v: Any, mask: Any) -> Any:
-        (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1) for t in (q, k, v))
-        local = None
-        if mask is not None:
-            local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False)
-        out = sp.sp_attention(
-            qs,
-            ks,
-            vs,
+        return sharded_attention(
+            q,
+            k,
+            v,
+            mask,
             strategy=case.strategy,
             causal=case.causal,
             seq_len=case.seq,
-            key_mask=local,
             scale=case.scale,
         )
-        return sp.sp_gather(out, 1, pad_size=pad)
 
     data = case_data(case)
     q, k, v, go = (torch.from_numpy(data[n]) for n in ("q", "k", "v", "grad_out"))

@@ -68,39 +68,62 @@ def case_inputs(case: AttnCase) -> dict[str, Any]:
     return data
 
 
+def sharded_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    mask: Any,
+    *,
+    strategy: str = "ulysses",
+    causal: bool = False,
+    seq_len: int | None = None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+) -> Any:
+    """Full (replicated) q, k, v and key mask -> this rank's shards (padded, in ``layout``) ->
+    ``sp_attention`` -> the output gathered back: ``[B, S, Hq, Dv]``. Written once over
+    sp_common, for torch ranks and JAX meshes alike."""
+    import sp_common as sp
+
+    (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1, layout=layout) for t in (q, k, v))
+    local = None
+    if mask is not None:
+        local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False, layout=layout)
+    out = sp.sp_attention(
+        qs,
+        ks,
+        vs,
+        strategy=strategy,
+        causal=causal,
+        seq_len=seq_len,
+        key_mask=local,
+        scale=scale,
+        layout=layout,
+    )
+    return sp.sp_gather(out, 1, pad_size=pad, layout=layout)
+
+
 def torch_attention(cases: list[AttnCase]) -> list[dict[str, Any]]:
     """Each case on this rank: q, k, v (and the key mask) sharded with padding, sp_attention,
     the output gathered; the loss ``sum(out * grad_out)``, the same on every rank, gives the
     whole gradients. Returns the output and gradients as float64."""
     import torch
 
-    import sp_common as sp
-
     results = []
     for case in cases:
         data = case_inputs(case)
         q, k, v = (to_torch(data[n]).requires_grad_() for n in ("q", "k", "v"))
-        lay = case.layout
-        (qs, pad), (ks, _), (vs, _) = (
-            sp.sp_shard_with_padding(t, 1, layout=lay) for t in (q, k, v)
-        )
-        mask = data["key_mask"]
-        local_mask = None
-        if mask is not None:
-            local_mask, _ = sp.sp_shard_with_padding(
-                torch.from_numpy(mask), mask.ndim - 1, pad_value=False, layout=lay
-            )
-        out = sp.sp_attention(
-            qs,
-            ks,
-            vs,
+        mask = None if data["key_mask"] is None else torch.from_numpy(data["key_mask"])
+        full = sharded_attention(
+            q,
+            k,
+            v,
+            mask,
             strategy=case.strategy,
             causal=case.causal,
             seq_len=case.seq,
-            key_mask=local_mask,
-            layout=lay,
+            layout=case.layout,
         )
-        full = sp.sp_gather(out, 1, pad_size=pad, layout=lay)
         (full.double() * to_torch(data["grad_out"])).sum().backward()
         results.append(
             {

@@ -127,26 +127,17 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
     data = case_inputs(case)
     mask = None if data["key_mask"] is None else jnp.asarray(data["key_mask"])
 
-    lay = case.layout
-
     def body(q, k, v, mask):
-        (qs, pad), (ks, _), (vs, _) = (
-            sp.sp_shard_with_padding(t, 1, layout=lay) for t in (q, k, v)
-        )
-        local = None
-        if mask is not None:
-            local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False, layout=lay)
-        out = sp.sp_attention(
-            qs,
-            ks,
-            vs,
+        return tasks.sharded_attention(
+            q,
+            k,
+            v,
+            mask,
             strategy=case.strategy,
             causal=case.causal,
             seq_len=case.seq,
-            key_mask=local,
-            layout=lay,
+            layout=case.layout,
         )
-        return sp.sp_gather(out, 1, pad_size=pad, layout=lay)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P()))
     args = [jnp.asarray(data[name]) for name in ("q", "k", "v")]

@@ -38,6 +38,7 @@ from sp_common.testing.mesh import mesh_of
 
 from . import attention_review_tasks as tasks
 from .attention_review_tasks import Case, case_data
+from .attention_tasks import sharded_attention
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -229,25 +230,18 @@ def jax_run(case: Case, n: int, check_vma: bool) -> tuple[np.ndarray, list[np.nd
     data = case_data(case)
     mask = data["key_mask"]
 
-    lay = {"layout": case.layout}
-
     def body(q, k, v, *m):
-        (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1, **lay) for t in (q, k, v))
-        local = None
-        if m:
-            local, _ = sp.sp_shard_with_padding(m[0], m[0].ndim - 1, pad_value=False, **lay)
-        out = sp.sp_attention(
-            qs,
-            ks,
-            vs,
+        return sharded_attention(
+            q,
+            k,
+            v,
+            m[0] if m else None,
             strategy=case.strategy,
             causal=case.causal,
             seq_len=case.seq,
-            key_mask=local,
+            layout=case.layout,
             scale=case.scale,
-            **lay,
         )
-        return sp.sp_gather(out, 1, pad_size=pad, **lay)
 
     extra = () if mask is None else (jnp.asarray(mask),)
     f = jax.jit(
