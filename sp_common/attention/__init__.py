@@ -1,9 +1,10 @@
 """Attention over a sequence-sharded input, written once over the backend primitives.
 
-:func:`sp_attention` is the entry point; every strategy (``ulysses`` today) has one contract:
+:func:`sp_attention` is the entry point; every strategy has one contract:
 the result equals full attention over the unsharded sequence at the real positions, forward and
 gradients. ``checks`` holds the shared argument checks, ``masks`` the key masks, ``heads`` how
-heads split over ranks, ``ulysses`` the strategy.
+heads split over ranks; ``ulysses`` and ``allgather_kv`` are the strategies (ring and USP come
+next).
 """
 
 from .api import sp_attention, sp_ulysses_attention
