@@ -82,3 +82,35 @@ def all_to_all_along(x: jax.Array, scatter_dim: int, gather_dim: int, axis: Axis
         shape[gather_dim] *= lax.axis_size(axis)
         return _empty(shape, x.dtype, axis, invariant=False)
     return lax.all_to_all(x, axis, scatter_dim, gather_dim, tiled=True)
+
+
+@jax.tree_util.register_pytree_node_class
+class Moving:
+    """Arrays sent on by ``ring_shift``; ``wait()`` gives them (XLA orders the transfer)."""
+
+    def __init__(self, arrays: tuple[Any, ...]) -> None:
+        self.arrays = arrays
+
+    def wait(self) -> tuple[Any, ...]:
+        return self.arrays
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
+        return self.arrays, None
+
+    @classmethod
+    def tree_unflatten(cls, _: None, arrays: tuple[Any, ...]) -> Moving:
+        return cls(tuple(arrays))
+
+
+def ring_shift(tensors: tuple[Any, ...], group: AxisName) -> Moving:
+    """Each tensor sent to index ``i + 1`` of axis ``group`` (the last to 0): one ``ppermute`` each,
+    which XLA runs asynchronously beside the independent compute. An input typed invariant
+    over ``group`` is made varying first (every index then sends its own copy)."""
+    n = lax.axis_size(group)
+    ring = [(i, (i + 1) % n) for i in range(n)]
+    moved = []
+    for x in tensors:
+        if vma_tracked(group) and not varies_over(x, group):
+            x = lax.pcast(x, group, to="varying")
+        moved.append(lax.ppermute(x, group, ring))
+    return Moving(tuple(moved))

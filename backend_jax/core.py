@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -16,7 +16,7 @@ from sp_common.groups import active_group
 from sp_common.shapes import DtypeInfo, is_axis_name
 from sp_common.strict import strict_enabled, strict_error
 
-from . import autograd
+from . import autograd, collectives, ring
 from .attention import attention as local_attention
 from .collectives import AxisName
 
@@ -136,6 +136,46 @@ class JaxBackend(Backend[AxisName]):
         return jnp.arange(total) < valid
 
     attention = staticmethod(local_attention)
+
+    def ring_attention(
+        self, spec: Any, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None
+    ) -> jax.Array:
+        return ring.ring_attention(self, spec, q, k, v, key_mask)
+
+    ring_shift = staticmethod(collectives.ring_shift)
+
+    def loop(self, start: int, stop: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+        if stop - start < 2:
+            return super().loop(start, stop, body, carry)
+        return lax.fori_loop(start, stop, body, carry)
+
+    def branch(
+        self, pred: Any, if_true: Callable[[Any], Any], if_false: Callable[[Any], Any], x: Any
+    ) -> Any:
+        if isinstance(pred, (bool, np.bool_)):
+            return if_true(x) if pred else if_false(x)
+        return lax.cond(pred, if_true, if_false, x)
+
+    def einsum(self, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.einsum(spec, a, b)
+
+    def exp(self, x: jax.Array) -> jax.Array:
+        return jnp.exp(x)
+
+    def logsumexp(self, x: jax.Array, dim: int) -> jax.Array:
+        return jax.nn.logsumexp(x, axis=dim)
+
+    def logaddexp(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.logaddexp(a, b)
+
+    def where(self, cond: jax.Array, a: Any, b: Any) -> jax.Array:
+        return jnp.where(cond, a, b)
+
+    def concat(self, xs: list[jax.Array], dim: int) -> jax.Array:
+        return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=dim)
+
+    def zeros_like(self, x: jax.Array) -> jax.Array:
+        return jnp.zeros_like(x)
 
     def repeat_interleave(self, x: jax.Array, dim: int, repeats: int) -> jax.Array:
         return jnp.repeat(x, repeats, axis=dim)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from sp_common.debug import CallRecord, disagreement
 from sp_common.shapes import shard_bounds
@@ -197,3 +198,43 @@ def all_to_all_along(
     out_shape = list(send.shape[1:])
     out_shape[gather_dim] *= n
     return recv.movedim(0, gather_dim).reshape(out_shape)
+
+
+class Moving:
+    """Tensors on their way from rank ``r - 1``: ``wait()`` gives them once they arrived."""
+
+    def __init__(self, received: tuple[torch.Tensor, ...], works: list[Any]) -> None:
+        self.received, self.works = received, works
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return self.received
+
+
+def ring_shift(tensors: tuple[torch.Tensor, ...], group: ProcessGroup | None) -> Moving:
+    """Start sending each tensor to rank ``r + 1`` of ``group`` and receiving rank ``r - 1``'s
+    (same shapes and dtypes, bitwise: bytes move, so bool and half tensors travel too).
+
+    Eager: one ``batch_isend_irecv`` of all the tensors, so the transfer runs while the caller
+    computes. While torch.compile traces: ``permute_tensor`` (a functional all-to-all with one
+    non-empty split), which the compiler schedules.
+    """
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    sends = [_movable(t) for t in tensors]
+    if torch.compiler.is_compiling():
+        ring = [(i + 1) % n for i in range(n)]
+        over = group if group is not None else dist.group.WORLD
+        assert over is not None  # initialized: the caller has a world size above 1
+        moved = [
+            funcol.permute_tensor(_as_flat_bytes(t), ring, over).view(t.dtype).view(t.shape)
+            for t in sends
+        ]
+        return Moving(tuple(moved), [])
+    to = dist.get_global_rank(group, (rank + 1) % n) if group is not None else (rank + 1) % n
+    source = dist.get_global_rank(group, (rank - 1) % n) if group is not None else (rank - 1) % n
+    received = tuple(torch.empty_like(t) for t in sends)
+    ops = [dist.P2POp(dist.isend, _as_flat_bytes(t), to, group) for t in sends]
+    ops += [dist.P2POp(dist.irecv, _as_flat_bytes(t), source, group) for t in received]
+    return Moving(received, dist.batch_isend_irecv(ops))

@@ -15,7 +15,7 @@ from sp_common.groups import active_group, active_group_traceable, guard_identit
 from sp_common.shapes import DtypeInfo
 from sp_common.strict import strict_enabled, strict_enabled_traceable, strict_error
 
-from . import autograd, collectives
+from . import autograd, collectives, ring
 from .attention import attention as local_attention
 
 
@@ -152,6 +152,39 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
         return torch.arange(total, device=like.device) < valid
 
     attention = staticmethod(local_attention)
+
+    def ring_attention(
+        self,
+        spec: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return ring.ring_attention(self, spec, q, k, v, key_mask)
+
+    ring_shift = staticmethod(collectives.ring_shift)
+
+    def einsum(self, spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(spec, a, b)
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+    def logsumexp(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.logsumexp(x, dim)
+
+    def logaddexp(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(a, b)
+
+    def where(self, cond: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
+        return torch.where(cond, a, b)
+
+    def concat(self, xs: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return xs[0] if len(xs) == 1 else torch.cat(xs, dim)
+
+    def zeros_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
 
     def repeat_interleave(self, x: torch.Tensor, dim: int, repeats: int) -> torch.Tensor:
         return x.repeat_interleave(repeats, dim)

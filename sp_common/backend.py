@@ -8,7 +8,7 @@ cached per type, so dispatch costs one dict lookup after the first call.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from .grad_rules import GatherGradRule, ShardGradRule
@@ -118,6 +118,60 @@ class Backend(Generic[GroupT]):
         Sq and Sk, traced in JAX where they depend on ``axis_index``; None: ``0 .. S-1``). A
         query with no key to attend gets zeros (and zero gradients). Accurate to the dtype:
         half types accumulate in float32, float64 in float64."""
+        raise NotImplementedError
+
+    def ring_attention(self, spec: Any, q: Any, k: Any, v: Any, key_mask: Any) -> Any:
+        """``sp_common.attention.ring.ring_forward``'s output with
+        ``sp_common.attention.ring.ring_backward`` as its gradient (q, k, v; ``key_mask``
+        ``[B | 1, s]`` bool or None has none). Differentiable once."""
+        raise NotImplementedError
+
+    def ring_shift(self, tensors: tuple[Any, ...], group: GroupT) -> Any:
+        """Start sending each tensor to rank ``r + 1`` and receiving rank ``r - 1``'s (no
+        autograd); the returned object's ``wait()`` gives the received tensors (same shapes and
+        dtypes, bitwise). JAX: the object is a pytree (it may be carried by a loop)."""
+        raise NotImplementedError
+
+    def loop(self, start: int, stop: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+        """``carry = body(t, carry)`` for t = start .. stop-1 (JAX: a ``fori_loop`` with t
+        traced when there are two or more steps; the carry then keeps its types)."""
+        for t in range(start, stop):
+            carry = body(t, carry)
+        return carry
+
+    def branch(
+        self, pred: Any, if_true: Callable[[Any], Any], if_false: Callable[[Any], Any], x: Any
+    ) -> Any:
+        """``if_true(x)`` if ``pred`` else ``if_false(x)``; ``pred`` a bool (JAX: or a traced
+        bool scalar, both branches then traced and returning the same types)."""
+        return if_true(x) if pred else if_false(x)
+
+    def einsum(self, spec: str, a: Any, b: Any) -> Any:
+        """``einsum(spec, a, b)`` of two tensors of one floating dtype."""
+        raise NotImplementedError
+
+    def exp(self, x: Any) -> Any:
+        """Elementwise ``e ** x``."""
+        raise NotImplementedError
+
+    def logsumexp(self, x: Any, dim: int) -> Any:
+        """``log(sum(exp(x), dim))``, ``-inf`` where every element is ``-inf``."""
+        raise NotImplementedError
+
+    def logaddexp(self, a: Any, b: Any) -> Any:
+        """Elementwise ``log(e ** a + e ** b)`` (``-inf`` for two ``-inf``)."""
+        raise NotImplementedError
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        """Elementwise ``a`` where ``cond`` else ``b`` (either may be a Python float)."""
+        raise NotImplementedError
+
+    def concat(self, xs: list[Any], dim: int) -> Any:
+        """``xs`` concatenated along ``dim`` (one tensor: itself)."""
+        raise NotImplementedError
+
+    def zeros_like(self, x: Any) -> Any:
+        """Zeros of ``x``'s shape and dtype (JAX: varying over the axes ``x`` varies over)."""
         raise NotImplementedError
 
     def repeat_interleave(self, x: Any, dim: int, repeats: int) -> Any:

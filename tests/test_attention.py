@@ -5,6 +5,7 @@ JAX agreeing; the joint text+image case; world size 1; the head split; compile; 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from typing import Any
@@ -42,7 +43,7 @@ HEADS = {
 LENGTHS = {"divides": lambda n: 2 * n, "pads": lambda n: 2 * n + 3, "short": lambda n: n - 1}
 
 FACTORS = {
-    "strategy": ("ulysses", "allgather_kv"),
+    "strategy": ("ulysses", "allgather_kv", "ring"),
     "layout": ("contiguous", "zigzag"),
     "causal": (False, True),
     "kv": ("mha", "gqa", "mqa"),
@@ -121,9 +122,11 @@ def assert_matches(case: AttnCase, out: np.ndarray, grads: list[np.ndarray], who
         assert err <= bound, f"{who} {case.label} {name}: max |diff| {err:.3g} > {bound:.3g}"
 
 
+@functools.cache
 def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
     """The case under ``jit(shard_map)`` on ``case.n`` devices: shard with padding, attend,
-    gather; the gradients of ``sum(out * grad_out)``."""
+    gather; the gradients of ``sum(out * grad_out)``. One compile gives the output and the
+    gradients; cached (the agreement test reads the same cases)."""
     data = case_inputs(case)
     mask = None if data["key_mask"] is None else jnp.asarray(data["key_mask"])
 
@@ -139,15 +142,15 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
             layout=case.layout,
         )
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P()))
-    args = [jnp.asarray(data[name]) for name in ("q", "k", "v")]
+    f = jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P())
 
     def loss(q, k, v):
-        return (f(q, k, v, mask).astype(jnp.float64) * data["grad_out"]).sum()
+        out = f(q, k, v, mask)
+        return (out.astype(jnp.float64) * data["grad_out"]).sum(), out
 
-    out = np.asarray(f(*args, mask)).astype(np.float64)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
-    return out, [np.asarray(g).astype(np.float64) for g in grads]
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = grad(*(jnp.asarray(data[name]) for name in ("q", "k", "v")))
+    return np.asarray(out).astype(np.float64), [np.asarray(g).astype(np.float64) for g in grads]
 
 
 def test_the_pairwise_sample_covers_every_pair_of_levels() -> None:
@@ -273,11 +276,18 @@ def test_sp_ulysses_attention_is_sp_attention_with_the_strategy_fixed(torch_rank
         assert r == {"equal": True}
 
 
-@pytest.mark.parametrize("seq", [8, 7], ids=["divides", "padded"])
-def test_torch_compile_traces_causal_grouped_attention_in_one_graph(seq, torch_ranks) -> None:
-    for r in torch_ranks(2).run(tasks.attention_compiled, seq, timeout_s=280):
+@pytest.mark.parametrize(
+    ("seq", "strategy"),
+    [(8, "ulysses"), (7, "ulysses"), (7, "ring")],
+    ids=["divides", "padded", "ring-padded"],
+)
+def test_torch_compile_traces_causal_grouped_attention_in_one_graph(
+    seq, strategy, torch_ranks
+) -> None:
+    for r in torch_ranks(2).run(tasks.attention_compiled, seq, strategy, timeout_s=280):
         assert r["frames"] == 1
-        assert r["max_out_diff"] <= 1e-6 and r["max_grad_diff"] <= 1e-6
+        # compiled vs eager float32: the same math, fused and ordered differently
+        assert r["max_out_diff"] <= 1e-6 and r["max_grad_diff"] <= TOL["float32"]
 
 
 @pytest.mark.usefixtures("jax_x64")
@@ -308,8 +318,8 @@ def test_the_jax_kernel_walks_the_keys_in_blocks_exactly(n, strategy, layout, mo
         args = [jnp.asarray(data[name]) for name in ("q", "k", "v")]
         grads = jax.grad(lambda *a: (f(*a) * data["grad_out"]).sum(), argnums=(0, 1, 2))(*args)
         assert_matches(case, np.asarray(jax.jit(f)(*args)), [np.asarray(g) for g in grads], "jax")
-    else:
-        assert_matches(case, *jax_attention(case), "jax")
+    else:  # not the cache: its entry may come from the default block size
+        assert_matches(case, *jax_attention.__wrapped__(case), "jax")
 
 
 def test_jax_attention_memory_grows_linearly_with_the_sequence_not_quadratically() -> None:

@@ -10,12 +10,13 @@ from ..layouts import Layout, check_layout
 from ..plan import active_run
 from .allgather_kv import allgather_kv
 from .checks import check_attention
+from .ring import ring
 from .ulysses import ulysses
 
 T = TypeVar("T")
 
-Strategy = Literal["ulysses", "allgather_kv"]
-_STRATEGY = {"ulysses": ulysses, "allgather_kv": allgather_kv}
+Strategy = Literal["ulysses", "allgather_kv", "ring"]
+_STRATEGY = {"ulysses": ulysses, "allgather_kv": allgather_kv, "ring": ring}
 
 
 def sp_attention(

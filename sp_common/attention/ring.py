@@ -1,0 +1,319 @@
+"""Ring attention: the key/value shards travel around the SP group, each rank's queries stay,
+partial results are merged by their log-sum-exp. Written once over the backend's primitives.
+
+Step t of N: rank r holds the keys and values of rank ``(r - t) mod N``, attends its queries to
+them while it already sends them on to rank ``r + 1`` (the transfer overlaps the compute), and
+merges the block's ``(o, lse)`` into its running result (``blocks.merge``). The backward pass is
+explicit (``ring_backward``): the keys and values go around again, and each block's key/value
+gradient travels with it and arrives home after N steps. Nothing the size of the whole sequence
+is ever held: a rank keeps its own q, k, v, its output and ``lse`` for the backward (O(S/N)),
+and one ``[s, s]`` tile of logits at a time.
+
+Causal attention: each shard is cut into two halves, chunks of the 2N-chunk sequence (the
+contiguous layout: chunks 2r, 2r+1; zigzag: r, 2N-1-r). A (query half, key half) pair whose key
+chunk comes after the query chunk is skipped, one before it is attended without a causal mask,
+the same chunk with one. Under zigzag every rank then does the same work at every step but the
+first (two of the four pairs); in the contiguous layout rank r attends r + 1 of the N blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ..backend import Backend
+from ..layouts import Layout, positions
+from .blocks import block_forward, block_grads, merge
+from .checks import AttentionShapes
+from .masks import valid_keys
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """What every step of the ring needs besides the tensors (static: hashable, no arrays)."""
+
+    group: Any
+    n: int
+    local: int
+    real: int
+    scale: float
+    causal: bool
+    layout: Layout
+
+
+def ring(
+    backend: Backend[Any],
+    group: Any,
+    n: int,
+    q: Any,
+    k: Any,
+    v: Any,
+    shapes: AttentionShapes,
+    causal: bool,
+    key_mask: Any,
+    layout: Layout,
+) -> Any:
+    """This rank's queries over the whole sequence, the keys and values passed around the ring.
+
+    Shapes, with N ranks and ``S_pad = N * s``::
+
+        q [B, s, Hq, D]   k [B, s, Hkv, D]   v [B, s, Hkv, Dv]      sequence-sharded
+        -> N steps: attend the held k/v block [B, s, Hkv, D | Dv] (rank r - t's), send it to
+           rank r + 1, merge (o, lse)
+        out [B, s, Hq, Dv]                                            sequence-sharded
+
+    Any head count (heads never split). Communication: N - 1 sends of this rank's K/V forward
+    and the backward's N - 1 of K/V plus N of the float32 (float64) K/V gradients. Memory per
+    rank O(S/N). Differentiable once (the backward is the explicit ring; a second derivative
+    raises).
+    """
+    if n == 1:
+        mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
+        return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
+    if key_mask is not None and len(backend.shape(key_mask)) == 1:
+        key_mask = backend.reshape(key_mask, (1, -1))
+    spec = RingSpec(group, n, shapes.local, shapes.real, shapes.scale, causal, layout)
+    return backend.ring_attention(spec, q, k, v, key_mask)
+
+
+def _accumulation(backend: Backend[Any], x: Any) -> Any:
+    """``x`` in the dtype the ring computes in: float64 stays, everything else float32."""
+    return x if backend.dtype_info(x).name.endswith("float64") else backend.to_float32(x)
+
+
+def _parts(spec: RingSpec) -> tuple[tuple[int, int], ...]:
+    """The ``(start, length)`` of the pieces a shard is cut into: two halves under causal
+    attention (the first one the larger), else the whole shard."""
+    s = spec.local
+    if not spec.causal or s < 2:
+        return ((0, s),)
+    half = (s + 1) // 2
+    return ((0, half), (half, s - half))
+
+
+def _chunk(spec: RingSpec, rank: Any, part: int, parts: int) -> Any:
+    """The index of piece ``part`` of ``rank``'s shard among the sequence's chunks, in sequence
+    order (arithmetic only: ``rank`` may be traced)."""
+    if parts == 1:
+        return rank
+    if spec.layout == "zigzag":
+        return rank if part == 0 else 2 * spec.n - 1 - rank
+    return 2 * rank + part
+
+
+class _Step:
+    """What one step of the ring knows about the block it holds: which of its pairs to skip,
+    which to attend with a causal mask, and each pair's ``allowed`` mask."""
+
+    def __init__(
+        self,
+        backend: Backend[Any],
+        spec: RingSpec,
+        t: Any,
+        rank: Any,
+        q_pos: Any,
+        index: Any,
+        mask: Any,
+    ) -> None:
+        # t: the step, an int (JAX: traced inside the loop); step 0 is always an int
+        self.backend, self.spec, self.rank = backend, spec, rank
+        self.own = isinstance(t, int) and t == 0
+        self.src = rank if self.own else (rank - t) % spec.n
+        self.parts = _parts(spec)
+        self.q_pos = q_pos
+        self.k_pos = positions(spec.layout, index, spec.local, spec.n, self.src)
+        valid = None
+        if spec.real < spec.n * spec.local:
+            valid = backend.reshape(self.k_pos < spec.real, (1, -1))
+        if mask is not None:
+            valid = mask if valid is None else backend.logical_and(mask, valid)
+        self.valid = valid
+
+    def relation(self, qi: int, kj: int) -> Any:
+        """How key piece ``kj`` relates to query piece ``qi``: ``"full"`` (wholly before it, or
+        not causal), ``"skip"`` (wholly after), ``"diag"`` (the same chunk), or a traced bool
+        (True: skip; else attend with the causal mask) where the ranks are traced."""
+        if not self.spec.causal:
+            return "full"
+        if self.own:  # the rank's own block: its pieces are in sequence order
+            ck, cq = kj, qi
+        else:
+            count = len(self.parts)
+            ck = _chunk(self.spec, self.src, kj, count)
+            cq = _chunk(self.spec, self.rank, qi, count)
+        if isinstance(ck, int) and isinstance(cq, int):
+            return "skip" if ck > cq else "full" if ck < cq else "diag"
+        return ck > cq
+
+    def skip(self, qi: int, kj: int) -> Any:
+        """Whether the pair is skipped (a bool, or traced)."""
+        relation = self.relation(qi, kj)
+        return relation == "skip" if isinstance(relation, str) else relation
+
+    def allowed(self, qi: int, kj: int) -> Any:
+        """``[B | 1, sq, sk]`` bool (or None: every key) for the pair: the valid keys and, unless
+        the key piece is known to come wholly before the query piece, the causal mask."""
+        (q0, ql), (k0, kl) = self.parts[qi], self.parts[kj]
+        allowed = None if self.valid is None else self.valid[:, None, k0 : k0 + kl]
+        relation = self.relation(qi, kj)
+        if not (isinstance(relation, str) and relation == "full"):
+            k_pos, q_pos = self.k_pos[k0 : k0 + kl], self.q_pos[q0 : q0 + ql]
+            causal = (k_pos[None, :] <= q_pos[:, None])[None]
+            allowed = causal if allowed is None else self.backend.logical_and(allowed, causal)
+        return allowed
+
+
+def _pieces(x: Any, parts: tuple[tuple[int, int], ...]) -> list[Any]:
+    """``x`` cut along dim 1 into ``parts``."""
+    return [x[:, start : start + length] for start, length in parts]
+
+
+class _Pass:
+    """The per-call constants of a forward or backward pass over the ring."""
+
+    def __init__(self, backend: Backend[Any], spec: RingSpec, q: Any, k: Any) -> None:
+        batch, s, hq, _ = backend.shape(q)
+        hkv = backend.shape(k)[2]
+        self.backend, self.spec = backend, spec
+        self.five = (batch, s, hkv, hq // hkv)  # [B, s, Hkv, G, *]
+        self.rank = backend.rank(spec.group)
+        self.index = backend.arange(q, s)
+        self.q_pos = positions(spec.layout, self.index, s, spec.n, self.rank)
+        self.parts = _parts(spec)
+
+    def as5(self, x: Any) -> Any:
+        """``[B, s, Hq, E]`` -> ``[B, s, Hkv, G, E]`` in the accumulation dtype."""
+        return self.backend.reshape(_accumulation(self.backend, x), (*self.five, -1))
+
+    def pieces(self, x: Any) -> list[Any]:
+        return _pieces(x, self.parts)
+
+    def step(self, t: Any, held: tuple[Any, ...]) -> _Step:
+        mask = held[2] if len(held) > 2 else None
+        return _Step(self.backend, self.spec, t, self.rank, self.q_pos, self.index, mask)
+
+    def steps(self, body: Callable[[Any, Any, bool], Any], carry: Any) -> Any:
+        """``body(t, carry, send)`` for t = 0 .. N-1, ``send`` False only at the last step (its
+        block goes nowhere). The middle steps run as the backend's loop (JAX: one traced
+        ``fori_loop`` body, whatever N)."""
+        n = self.spec.n
+        carry = body(0, carry, True)
+        carry = self.backend.loop(1, n - 1, lambda t, c: body(t, c, True), carry)
+        return body(n - 1, carry, False)
+
+
+def ring_forward(
+    backend: Backend[Any], spec: RingSpec, q: Any, k: Any, v: Any, key_mask: Any
+) -> tuple[Any, Any, Any]:
+    """``(out [B, s, Hq, Dv] in q's dtype, o5, lse)``; the last two are what the backward pass
+    needs (see ``blocks``)."""
+    run = _Pass(backend, spec, q, k)
+    q_pieces = run.pieces(run.as5(q))
+    parts = range(len(run.parts))
+
+    def body(t: Any, carry: Any, send: bool) -> Any:
+        held, acc = carry
+        moving = backend.ring_shift(held, spec.group) if send else None
+        step = run.step(t, held)
+        k_pieces = run.pieces(_accumulation(backend, held[0]))
+        v_pieces = run.pieces(_accumulation(backend, held[1]))
+        acc = list(acc)
+        for qi in parts:
+            for kj in parts:
+                attend = partial(
+                    _attend, backend, step, qi, kj, q_pieces[qi], k_pieces[kj], v_pieces[kj]
+                )
+                acc[qi] = backend.branch(step.skip(qi, kj), _same, attend, acc[qi])
+        return (held if moving is None else moving.wait()), acc
+
+    held = (k, v) if key_mask is None else (k, v, key_mask)
+    _, acc = run.steps(body, (held, [None] * len(parts)))
+    o5 = backend.concat([o for o, _ in acc], 1)
+    lse = backend.concat([lse for _, lse in acc], 1)
+    out = backend.reshape(o5, (*backend.shape(q)[:3], backend.shape(v)[3]))
+    return backend.cast_like(out, q), o5, lse
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _attend(
+    backend: Backend[Any], step: _Step, qi: int, kj: int, q5: Any, k: Any, v: Any, acc: Any
+) -> tuple[Any, Any]:
+    """``acc`` (None before the first block) merged with query piece ``qi`` over key piece
+    ``kj`` of the held block."""
+    new = block_forward(backend, q5, k, v, step.allowed(qi, kj), step.spec.scale)
+    return new if acc is None else merge(backend, acc, new)
+
+
+def _grads(
+    backend: Backend[Any],
+    step: _Step,
+    qi: int,
+    kj: int,
+    pair: tuple[Any, Any, Any],
+    saved: tuple[Any, Any, Any],
+    sums: tuple[Any, Any, Any],
+) -> tuple[Any, Any, Any]:
+    """The running ``(dq piece, dk piece, dv piece)`` plus the pair's terms."""
+    gq, gk, gv = block_grads(backend, *pair, step.allowed(qi, kj), step.spec.scale, *saved)
+    q_sum, k_sum, v_sum = sums
+    return (gq if q_sum is None else q_sum + gq, k_sum + gk, v_sum + gv)
+
+
+def ring_backward(
+    backend: Backend[Any],
+    spec: RingSpec,
+    q: Any,
+    k: Any,
+    v: Any,
+    key_mask: Any,
+    o5: Any,
+    lse: Any,
+    dout: Any,
+) -> tuple[Any, Any, Any]:
+    """``(dq, dk, dv)`` in the dtypes of q, k, v: the ring again, each block's key/value
+    gradient (float32 or float64) sent on with the block and home after the last step."""
+    run = _Pass(backend, spec, q, k)
+    q5, do5 = run.as5(q), run.as5(dout)
+    delta = backend.einsum("bqhge,bqhge->bqhg", do5, o5)
+    q_pieces, do_pieces = run.pieces(q5), run.pieces(do5)
+    lse_pieces, delta_pieces = run.pieces(lse), run.pieces(delta)
+    parts = range(len(run.parts))
+
+    def body(t: Any, carry: Any, send: bool) -> Any:
+        held, dq, grads = carry  # grads: the (dk, dv) on their way here, None at step 0
+        moving = backend.ring_shift(held, spec.group) if send else None
+        step = run.step(t, held)
+        k_pieces = run.pieces(_accumulation(backend, held[0]))
+        v_pieces = run.pieces(_accumulation(backend, held[1]))
+        dk = [backend.zeros_like(x) for x in k_pieces]
+        dv = [backend.zeros_like(x) for x in v_pieces]
+        dq = list(dq)
+        for qi in parts:
+            for kj in parts:
+                pair = (q_pieces[qi], k_pieces[kj], v_pieces[kj])
+                saved = (lse_pieces[qi], do_pieces[qi], delta_pieces[qi])
+                add = partial(_grads, backend, step, qi, kj, pair, saved)
+                dq[qi], dk[kj], dv[kj] = backend.branch(
+                    step.skip(qi, kj), _same, add, (dq[qi], dk[kj], dv[kj])
+                )
+        dk_block, dv_block = backend.concat(dk, 1), backend.concat(dv, 1)
+        if grads is not None:
+            arrived_k, arrived_v = grads.wait()
+            dk_block, dv_block = dk_block + arrived_k, dv_block + arrived_v
+        grads = backend.ring_shift((dk_block, dv_block), spec.group)
+        return (held if moving is None else moving.wait()), dq, grads
+
+    held = (k, v) if key_mask is None else (k, v, key_mask)
+    _, dq, grads = run.steps(body, (held, [None] * len(parts), None))
+    dk_home, dv_home = grads.wait()
+    dq_all = backend.reshape(backend.concat(dq, 1), backend.shape(q))
+    return (
+        backend.cast_like(dq_all, q),
+        backend.cast_like(dk_home, k),
+        backend.cast_like(dv_home, v),
+    )
