@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from sp_common.attention.ring import RingSpec, ring_backward, ring_forward
 
@@ -33,11 +32,40 @@ class _Ring(torch.autograd.Function):
         ctx.mark_non_differentiable(o5, lse)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         q, k, v, key_mask, o5, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(ctx.backend, ctx.spec, q, k, v, key_mask, o5, lse, dout)
+        with torch.no_grad():
+            dq, dk, dv = ring_backward(ctx.backend, ctx.spec, q, k, v, key_mask, o5, lse, dout)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must not be constants
+            dq, dk, dv = _Once.apply(q, dq, dk, dv)
         return None, None, dq, dk, dv, None
+
+
+class _Once(torch.autograd.Function):
+    """The identity on ring attention's gradients built with grad mode on (``create_graph=True``,
+    ``torch.func.grad``), whose own
+    backward raises: the ring's backward is not differentiable, and without this its
+    gradients would enter a second derivative as constants (torch's ``once_differentiable``
+    checks only the incoming gradient, which a loss's ``backward`` does not make require
+    grad, so it would let that wrong second derivative through)."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # q (an input that requires grad) makes the outputs part of the graph, at whatever
+        # level of torch.func transforms the backward runs.
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *_: Any) -> tuple[torch.Tensor, ...]:
+        raise RuntimeError(
+            "sp_attention(strategy='ring'): differentiable once; a second derivative "
+            "(create_graph=True, grad of grad, Hessian-vector products) needs "
+            "strategy='ulysses' or strategy='allgather_kv'."
+        )
 
 
 def ring_attention(

@@ -88,6 +88,10 @@ def allgather_kv(x: Any, w: Any) -> Any:
     return attention(x, w, "allgather_kv")
 
 
+def ring(x: Any, w: Any) -> Any:
+    return attention(x, w, "ring")
+
+
 def _math_attention(x: Any) -> Any:
     """torch: SDPA's math kernel, the one with a double backward (the fused CPU kernels have
     none: grad of grad through them raises "derivative ... is not implemented")."""
@@ -107,6 +111,8 @@ class Row:
     shape: tuple[int, ...]
     per_rank: bool = False
     bitwise: bool = True  # first order; pure data movement around one elementwise cube
+    # torch: the second derivative exists (else it must raise, never come out wrong)
+    torch_second_order: bool = True
 
 
 ROWS: dict[str, Row] = {
@@ -120,4 +126,5 @@ ROWS: dict[str, Row] = {
     "ulysses": Row(ulysses, ("sp_ulysses_attention",), (1, 10, 4, 3), bitwise=False),
     "attention": Row(attention, ("sp_attention",), (1, 10, 6, 3), bitwise=False),
     "allgather_kv": Row(allgather_kv, ("sp_attention",), (1, 10, 6, 3), bitwise=False),
+    "ring": Row(ring, ("sp_attention",), (1, 10, 6, 3), bitwise=False, torch_second_order=False),
 }

@@ -1,0 +1,108 @@
+"""torch rank tasks for ``test_ring.py``: what the ring creates, moves and computes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sp_common.testing import make_data, to_torch
+
+
+def _inputs(seq: int, heads: int, d: int) -> tuple[Any, Any, Any]:
+    """This rank's shards of seeded q, k, v ``[1, seq, heads, d]`` (requires grad)."""
+    import sp_common as sp
+
+    full = [make_data((1, seq, heads, d), "float32", i, specials=False) for i in range(3)]
+    return tuple(sp.sp_shard(to_torch(t), 1).detach().requires_grad_() for t in full)
+
+
+def created_shapes(strategy: str, seq: int, heads: int, d: int) -> dict[str, Any]:
+    """Every floating tensor an op creates during sp_attention's forward and backward on this
+    rank's shards (causal, key-masked), recorded with a dispatch mode; and the shapes of the
+    tensors the ring sends."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import backend_torch.collectives as collectives
+    import sp_common as sp
+    from backend_torch.core import TorchBackend
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: set[tuple[int, ...]] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 2:
+                    self.shapes.add(tuple(t.shape))
+            return out
+
+    sent: list[tuple[int, ...]] = []
+
+    def recording_shift(tensors: Any, group: Any) -> Any:
+        sent.extend(tuple(t.shape) for t in tensors)
+        return collectives.ring_shift(tensors, group)
+
+    q, k, v = _inputs(seq, heads, d)
+    mask = torch.arange(q.shape[1]) % 3 != 1
+    TorchBackend.ring_shift = staticmethod(recording_shift)  # type: ignore[method-assign]
+    try:
+        with Record() as record:
+            out = sp.sp_attention(q, k, v, strategy=strategy, causal=True, key_mask=mask)
+            out.square().sum().backward()
+    finally:
+        TorchBackend.ring_shift = staticmethod(collectives.ring_shift)  # type: ignore[method-assign]
+    return {"created": sorted(record.shapes), "sent": sorted(set(sent))}
+
+
+def pair_counts(layout: str, seq: int) -> dict[str, int]:
+    """How many (query half, key half) tiles this rank attends in causal ring attention's
+    forward pass over a sequence of ``seq`` tokens in ``layout``."""
+    import sp_common as sp
+    import sp_common.attention.ring as ring
+
+    calls = {"tiles": 0}
+    block_forward = ring.block_forward
+
+    def counting(*args: Any) -> Any:
+        calls["tiles"] += 1
+        return block_forward(*args)
+
+    full = [to_torch(make_data((1, seq, 2, 4), "float32", i, specials=False)) for i in range(3)]
+    q, k, v = (sp.sp_shard_with_padding(t, 1, layout=layout)[0] for t in full)
+    ring.block_forward = counting
+    try:
+        sp.sp_attention(q, k, v, strategy="ring", causal=True, layout=layout)
+    finally:
+        ring.block_forward = block_forward
+    return calls
+
+
+def second_derivatives(seq: int) -> dict[str, str]:
+    """What a second derivative through ring attention does: by ``create_graph=True`` and by
+    ``torch.func.grad`` of ``torch.func.grad``; first-order ``torch.func.grad`` works."""
+    import torch
+
+    import sp_common as sp
+
+    q, k, v = _inputs(seq, 2, 4)
+
+    def loss(a: torch.Tensor) -> torch.Tensor:
+        return sp.sp_attention(a, k, v, strategy="ring", causal=True).square().sum()
+
+    results = {}
+    (g,) = torch.autograd.grad(loss(q), q, create_graph=True)
+    try:
+        torch.autograd.grad(g.sum(), q)
+        results["create_graph"] = "no error"
+    except RuntimeError as e:
+        results["create_graph"] = str(e)
+    first = torch.func.grad(loss)(q.detach())
+    results["func_grad_equal"] = str(bool(torch.equal(first, g.detach())))
+    try:
+        torch.func.grad(lambda a: torch.func.grad(loss)(a).sum())(q.detach())
+        results["func_grad_of_grad"] = "no error"
+    except RuntimeError as e:
+        results["func_grad_of_grad"] = str(e)
+    return results
