@@ -185,20 +185,20 @@ def test_torch_dp_by_sp_subgroups_in_debug_mode(torch_ranks) -> None:
 
 def test_torch_compile_mark_dynamic_causal_masked_grouped_lengths(torch_ranks) -> None:
     """A compiled function (sequence dims marked dynamic, aot_eager) over causal, key-masked,
-    grouped (6/3) attention on 2 ranks, called at lengths 9 and 10: equal to the reference
-    at every length (ulysses contiguous, allgather_kv zigzag)."""
-    cases = [
-        Case(9, 6, 3, True, "batch"),
-        Case(10, 6, 3, True, "shared", seed=2),
+    grouped (6/3) attention on 2 ranks: ulysses contiguous at length 9 with a [B, S] mask,
+    allgather_kv zigzag at length 10 with an [S] mask, each equal to the reference. (Each
+    call traces afresh: the block specializes on its case, so one length per strategy; one
+    graph serving two marked-dynamic lengths is in test_compile_dynamic.py.)"""
+    run = [
+        Case(9, 6, 3, True, "batch", strategy="ulysses", layout="contiguous"),
+        Case(10, 6, 3, True, "shared", seed=2, strategy="allgather_kv", layout="zigzag"),
     ]
-    for strategy, layout in (("ulysses", "contiguous"), ("allgather_kv", "zigzag")):
-        run = [dataclasses.replace(c, strategy=strategy, layout=layout) for c in cases]
-        per_rank = torch_ranks(2).run(
-            tasks.compiled_dynamic, run, "mark_dynamic", "aot_eager", timeout_s=280
-        )
-        for rank, results in enumerate(per_rank):
-            for case, r in zip(run, results, strict=True):
-                assert_close(case, r["out"], r["grads"], f"compiled rank {rank}")
+    per_rank = torch_ranks(2).run(
+        tasks.compiled_dynamic, run, "mark_dynamic", "aot_eager", timeout_s=280
+    )
+    for rank, results in enumerate(per_rank):
+        for case, r in zip(run, results, strict=True):
+            assert_close(case, r["out"], r["grads"], f"compiled rank {rank}")
 
 
 def test_torch_zero_size_batch_and_sequence_give_empty_results(torch_ranks) -> None:
@@ -226,7 +226,7 @@ JAX_CASES = [
 
 def jax_run(case: Case, n: int, check_vma: bool) -> tuple[np.ndarray, list[np.ndarray]]:
     """The case under jit(shard_map) on n devices: shard with padding, attend, gather; the
-    gradients of ``sum(out * grad_out)``."""
+    gradients of ``sum(out * grad_out)``, in the same jitted call."""
     data = case_data(case)
     mask = data["key_mask"]
 
@@ -244,21 +244,22 @@ def jax_run(case: Case, n: int, check_vma: bool) -> tuple[np.ndarray, list[np.nd
         )
 
     extra = () if mask is None else (jnp.asarray(mask),)
-    f = jax.jit(
-        jax.shard_map(
-            body,
-            mesh=mesh_of(n),
-            in_specs=(P(),) * (3 + len(extra)),
-            out_specs=P(),
-            check_vma=check_vma,
-        )
+    f = jax.shard_map(
+        body,
+        mesh=mesh_of(n),
+        in_specs=(P(),) * (3 + len(extra)),
+        out_specs=P(),
+        check_vma=check_vma,
     )
+
+    def loss(*a):
+        out = f(*a, *extra)
+        return (out.astype(jnp.float64) * data["grad_out"]).sum(), out
+
     args = [jnp.asarray(data[name]).astype(case.dtype) for name in ("q", "k", "v")]
-    out = np.asarray(f(*args, *extra)).astype(np.float64)
-    grads = jax.grad(
-        lambda *a: (f(*a, *extra).astype(jnp.float64) * data["grad_out"]).sum(), argnums=(0, 1, 2)
-    )(*args)
-    return out, [np.asarray(g).astype(np.float64) for g in grads]
+    # One compile gives the output and the gradients.
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+    return np.asarray(out).astype(np.float64), [np.asarray(g).astype(np.float64) for g in grads]
 
 
 @pytest.mark.usefixtures("jax_x64")
@@ -347,11 +348,14 @@ def test_jax_two_axis_groups_and_dp_by_sp(strategy) -> None:
             return sp.sp_gather(out, 1, pad_size=pad, **kw)
 
         spec = P(batch_axis)
-        f = jax.jit(
-            jax.shard_map(body, mesh=Mesh(devices, names), in_specs=(spec,) * 4, out_specs=spec)
-        )
-        np.testing.assert_allclose(np.asarray(f(*args, mask)), want, rtol=1e-12, atol=1e-12)
-        grads = jax.grad(lambda *a, f=f: (f(*a, mask) * data["grad_out"]).sum(), (0, 1, 2))(*args)
+        f = jax.shard_map(body, mesh=Mesh(devices, names), in_specs=(spec,) * 4, out_specs=spec)
+
+        def loss(*a, f=f):
+            out = f(*a, mask)
+            return (out * data["grad_out"]).sum(), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(*args)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-12, atol=1e-12)
         for got, expected in zip(grads, want_grads, strict=True):
             np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
 
@@ -456,10 +460,22 @@ def test_jax_scan_over_remat_layers_inside_shard_map() -> None:
             x = layer(x, w, m, None)
         return x
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh_of(4), in_specs=(P(),) * 3, out_specs=P()))
-    np.testing.assert_allclose(f(x, weights, jmask), single(x, weights, jmask), atol=1e-13)
-    got = jax.grad(lambda *a: (f(*a, jmask) ** 2).sum(), argnums=(0, 1))(x, weights)
-    want = jax.grad(lambda *a: (single(*a, jmask) ** 2).sum(), argnums=(0, 1))(x, weights)
+    def value_and_grads(fn):
+        """fn's output and the gradients of sum(output**2) in x and weights, one compile."""
+
+        def loss(x, weights):
+            out = fn(x, weights, jmask)
+            return (out**2).sum(), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            x, weights
+        )
+        return out, grads
+
+    f = jax.shard_map(body, mesh=mesh_of(4), in_specs=(P(),) * 3, out_specs=P())
+    out, got = value_and_grads(f)
+    want_out, want = value_and_grads(single)
+    np.testing.assert_allclose(out, want_out, atol=1e-13)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
 
