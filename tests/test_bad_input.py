@@ -487,7 +487,12 @@ def argument_cases() -> list[Case]:
             worlds=(2,),
         )
     )
-    for strategy, error in (("ring", ValueError), (None, ValueError), (1, ValueError)):
+    for strategy, error in (
+        ("Ring", ValueError),
+        ("usp", ValueError),
+        (None, ValueError),
+        (1, ValueError),
+    ):
         says = (f"strategy={strategy!r}", "'ulysses'")
         cases.append(
             Case(

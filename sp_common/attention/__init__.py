@@ -3,8 +3,8 @@
 :func:`sp_attention` is the entry point; every strategy has one contract:
 the result equals full attention over the unsharded sequence at the real positions, forward and
 gradients. ``checks`` holds the shared argument checks, ``masks`` the key masks, ``heads`` how
-heads split over ranks; ``ulysses`` and ``allgather_kv`` are the strategies (ring and USP come
-next).
+heads split over ranks; ``ulysses``, ``allgather_kv`` and ``ring`` (with ``blocks``, its
+tile math) are the strategies, ``select`` the rule of ``strategy="auto"`` (USP comes next).
 """
 
 from .api import sp_attention, sp_ulysses_attention

@@ -11,11 +11,12 @@ from ..plan import active_run
 from .allgather_kv import allgather_kv
 from .checks import check_attention
 from .ring import ring
+from .select import choose_strategy
 from .ulysses import ulysses
 
 T = TypeVar("T")
 
-Strategy = Literal["ulysses", "allgather_kv", "ring"]
+Strategy = Literal["ulysses", "allgather_kv", "ring", "auto"]
 _STRATEGY = {"ulysses": ulysses, "allgather_kv": allgather_kv, "ring": ring}
 
 
@@ -50,6 +51,13 @@ def sp_attention(
             repeated as little as needed, see ``sp_common.attention.heads``).
             ``"allgather_kv"``: K and V gathered on every rank (backward: reduce-scatter), the
             local queries attend all keys; any head count, no head padding, K/V memory O(S).
+            ``"ring"``: the K/V shards travel around the ranks, N steps, partial results
+            merged by log-sum-exp, an explicit backward that sends them around again (see
+            ``sp_common.attention.ring``); any head count, memory O(S/N) per rank;
+            differentiable once (torch: a second derivative raises; JAX differentiates the
+            explicit backward). Causal attention under ``layout="zigzag"`` gives every rank
+            the same work. ``"auto"``: picked from the shapes by the rule in
+            ``sp_common.attention.select`` (the same on every rank).
         causal: query at global position i attends the keys at positions <= i.
         seq_len: the real sequence length S before padding (None: ``N * s``, nothing padded);
             keys at positions >= S never take part. Never guessed: inside a planned forward
@@ -137,6 +145,8 @@ def attention_call(
         agreed = {**options, "seq_len": shapes.real, "scale": shapes.scale}
         backend.check_consistent(func, g, tensors, agreed)
     assert isinstance(causal, bool) and isinstance(strategy, str)  # checked above
+    if strategy == "auto":
+        strategy = choose_strategy(shapes, n, backend.dtype_info(q).name)
     return _STRATEGY[strategy](backend, g, n, q, k, v, shapes, causal, key_mask, lay)
 
 
