@@ -142,6 +142,15 @@ class JaxBackend(Backend[AxisName]):
     ) -> jax.Array:
         return ring.ring_attention(self, spec, q, k, v, key_mask)
 
+    def two_axes(self, func: str, group: AxisName) -> tuple[str, str]:
+        if isinstance(group, tuple) and len(group) == 2:
+            return group[0], group[1]
+        raise ValueError(
+            f"{func}: strategy='usp' needs a group of two mesh axes, (ring_axis, ulysses_axis), "
+            f"got group={group!r}; pass e.g. group=('ring', 'ulysses') inside a shard_map over "
+            "both axes (sp_shard and sp_gather take the same tuple)."
+        )
+
     ring_shift = staticmethod(collectives.ring_shift)
 
     def loop(self, start: int, stop: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:

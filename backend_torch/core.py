@@ -53,23 +53,34 @@ def process_group(func: str, group: Any) -> dist.ProcessGroup:
     )
 
 
+# The (ring, ulysses) groups of each group a 2-D DeviceMesh resolved to.
+_TWO_AXES: dict[dist.ProcessGroup, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
 def _mesh_group(func: str, mesh: DeviceMesh) -> dist.ProcessGroup:
-    """The ProcessGroup of a 1-D ``mesh`` that holds this rank."""
-    if mesh.ndim != 1:
+    """The ProcessGroup of a 1-D ``mesh`` that holds this rank; for a 2-D mesh (ring dim
+    first, for USP) the group of all its ranks in row-major order (rank = ring_index * U +
+    ulysses_index), its two dims' groups recorded for ``two_axes``."""
+    if mesh.ndim not in (1, 2):
         names = mesh.mesh_dim_names
         one = repr(names[-1]) if names else "name"
         raise TypeError(
             f"{func}: group is a {mesh.ndim}-D DeviceMesh of shape {tuple(mesh.shape)} with dims "
-            f"{names}; an SP group is one mesh dim (two-axis groups come with USP): pass a 1-D "
-            f"mesh such as mesh[{one}]."
+            f"{names}; an SP group is one mesh dim, or two (ring, ulysses) for USP: pass a 1-D "
+            f"mesh such as mesh[{one}] or a 2-D one."
         )
     if mesh.get_coordinate() is None:
         raise ValueError(
             f"{func}: this rank (global rank {dist.get_rank()}) is not a member of group "
-            f"{mesh!r}, a 1-D DeviceMesh of ranks {mesh.mesh.tolist()}; pass the mesh that "
-            "contains this rank (init_device_mesh(...)[dim] gives each rank its own)."
+            f"{mesh!r}, a {mesh.ndim}-D DeviceMesh of ranks {mesh.mesh.tolist()}; pass the mesh "
+            "that contains this rank (init_device_mesh(...)[dim] gives each rank its own)."
         )
-    return mesh.get_group()
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    flat = mesh._flatten().get_group()
+    if flat not in _TWO_AXES:
+        _TWO_AXES[flat] = (mesh.get_group(0), mesh.get_group(1))
+    return flat
 
 
 _DTYPE_INFO: dict[torch.dtype, DtypeInfo] = {}
@@ -162,6 +173,19 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         return ring.ring_attention(self, spec, q, k, v, key_mask)
+
+    def two_axes(
+        self, func: str, group: dist.ProcessGroup | None
+    ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        axes = _TWO_AXES.get(group) if group is not None else None
+        if axes is None:
+            raise ValueError(
+                f"{func}: strategy='usp' needs a group of two axes, a 2-D DeviceMesh with the "
+                f"ring dim first, got the group {group!r} of one; pass e.g. group="
+                "init_device_mesh('cuda', (R, U), mesh_dim_names=('ring', 'ulysses')) (to "
+                "sp_shard and sp_gather too, or in sp_group(...))."
+            )
+        return axes
 
     ring_shift = staticmethod(collectives.ring_shift)
 

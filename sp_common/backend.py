@@ -126,6 +126,12 @@ class Backend(Generic[GroupT]):
         ``[B | 1, s]`` bool or None has none). Differentiable once."""
         raise NotImplementedError
 
+    def two_axes(self, func: str, group: GroupT) -> tuple[Any, Any]:
+        """``(ring_group, ulysses_group)`` of a group of two axes (JAX: a tuple of two mesh axis
+        names; torch: the group a 2-D ``DeviceMesh`` resolved to, ring dim first); ValueError
+        naming ``func`` for a group of one axis."""
+        raise NotImplementedError
+
     def ring_shift(self, tensors: tuple[Any, ...], group: GroupT) -> Any:
         """Start sending each tensor to rank ``r + 1`` and receiving rank ``r - 1``'s (no
         autograd); the returned object's ``wait()`` gives the received tensors (same shapes and

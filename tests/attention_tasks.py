@@ -11,6 +11,29 @@ import numpy as np
 from sp_common.testing import make_data, to_numpy, to_torch
 
 MASKS = ("none", "batch", "shared")  # no key mask, [B, S] per batch row, [S] for every row
+# USP runs over two axes, ring first: R = 2 ring ranks by U = N / 2 Ulysses ranks.
+USP_AXES = ("ring", "ulysses")
+
+
+def usp_shape(n: int) -> tuple[int, int]:
+    """The (R, U) mesh shape of the USP cases on ``n`` ranks or devices."""
+    return (2, n // 2)
+
+
+_USP_MESHES: dict[tuple[int, int], Any] = {}
+
+
+def torch_group(case: AttnCase) -> Any:
+    """The torch group a case runs over: the default one, or for USP this rank's 2-D
+    DeviceMesh (made once per shape; every rank makes it in the same order)."""
+    if case.strategy != "usp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = usp_shape(case.n)
+    if shape not in _USP_MESHES:
+        _USP_MESHES[shape] = init_device_mesh("cpu", shape, mesh_dim_names=USP_AXES)
+    return _USP_MESHES[shape]
 
 
 @dataclass(frozen=True)
@@ -79,16 +102,21 @@ def sharded_attention(
     seq_len: int | None = None,
     layout: str = "contiguous",
     scale: float | None = None,
+    group: Any = None,
 ) -> Any:
     """Full (replicated) q, k, v and key mask -> this rank's shards (padded, in ``layout``) ->
     ``sp_attention`` -> the output gathered back: ``[B, S, Hq, Dv]``. Written once over
     sp_common, for torch ranks and JAX meshes alike."""
     import sp_common as sp
 
-    (qs, pad), (ks, _), (vs, _) = (sp.sp_shard_with_padding(t, 1, layout=layout) for t in (q, k, v))
+    (qs, pad), (ks, _), (vs, _) = (
+        sp.sp_shard_with_padding(t, 1, layout=layout, group=group) for t in (q, k, v)
+    )
     local = None
     if mask is not None:
-        local, _ = sp.sp_shard_with_padding(mask, mask.ndim - 1, pad_value=False, layout=layout)
+        local, _ = sp.sp_shard_with_padding(
+            mask, mask.ndim - 1, pad_value=False, layout=layout, group=group
+        )
     out = sp.sp_attention(
         qs,
         ks,
@@ -99,8 +127,9 @@ def sharded_attention(
         key_mask=local,
         scale=scale,
         layout=layout,
+        group=group,
     )
-    return sp.sp_gather(out, 1, pad_size=pad, layout=layout)
+    return sp.sp_gather(out, 1, pad_size=pad, layout=layout, group=group)
 
 
 def torch_attention(cases: list[AttnCase]) -> list[dict[str, Any]]:
@@ -123,6 +152,7 @@ def torch_attention(cases: list[AttnCase]) -> list[dict[str, Any]]:
             causal=case.causal,
             seq_len=case.seq,
             layout=case.layout,
+            group=torch_group(case),
         )
         (full.double() * to_torch(data["grad_out"])).sum().backward()
         results.append(
@@ -206,9 +236,7 @@ def attention_compiled(seq: int, strategy: str = "ulysses") -> dict[str, Any]:
     def block(t: torch.Tensor) -> torch.Tensor:
         s, p = sp.sp_shard_with_padding(t, 1)
         kv = s[:, :, :2]
-        out = sp.sp_attention(
-            s, kv, kv * 2, strategy=strategy, causal=True, seq_len=t.shape[1]
-        )
+        out = sp.sp_attention(s, kv, kv * 2, strategy=strategy, causal=True, seq_len=t.shape[1])
         return sp.sp_gather(out, 1, pad_size=p)
 
     x = make_data((1, seq, 4, 8), "float32", 0, specials=False)

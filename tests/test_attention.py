@@ -43,7 +43,7 @@ HEADS = {
 LENGTHS = {"divides": lambda n: 2 * n, "pads": lambda n: 2 * n + 3, "short": lambda n: n - 1}
 
 FACTORS = {
-    "strategy": ("ulysses", "allgather_kv", "ring"),
+    "strategy": ("ulysses", "allgather_kv", "ring", "usp"),
     "layout": ("contiguous", "zigzag"),
     "causal": (False, True),
     "kv": ("mha", "gqa", "mqa"),
@@ -140,9 +140,14 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
             causal=case.causal,
             seq_len=case.seq,
             layout=case.layout,
+            group=group,
         )
 
-    f = jax.shard_map(body, mesh=mesh_of(case.n), in_specs=(P(),) * 4, out_specs=P())
+    group, mesh = None, mesh_of(case.n)
+    if case.strategy == "usp":
+        group = tasks.USP_AXES
+        mesh = mesh_of(case.n, group, shape=tasks.usp_shape(case.n))
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(),) * 4, out_specs=P())
 
     def loss(q, k, v):
         out = f(q, k, v, mask)
@@ -158,7 +163,7 @@ def test_the_pairwise_sample_covers_every_pair_of_levels() -> None:
         chosen = all_pairs(seed=n)
         for a, b in itertools.combinations(FACTORS, 2):
             assert {(c[a], c[b]) for c in chosen} == set(itertools.product(FACTORS[a], FACTORS[b]))
-        assert len(chosen) <= 22
+        assert len(chosen) <= 24
 
 
 @pytest.mark.parametrize("n", [2, 4])

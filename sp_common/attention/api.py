@@ -13,11 +13,12 @@ from .checks import check_attention
 from .ring import ring
 from .select import choose_strategy
 from .ulysses import ulysses
+from .usp import usp
 
 T = TypeVar("T")
 
-Strategy = Literal["ulysses", "allgather_kv", "ring", "auto"]
-_STRATEGY = {"ulysses": ulysses, "allgather_kv": allgather_kv, "ring": ring}
+Strategy = Literal["ulysses", "allgather_kv", "ring", "usp", "auto"]
+_STRATEGY = {"ulysses": ulysses, "allgather_kv": allgather_kv, "ring": ring, "usp": usp}
 
 
 def sp_attention(

@@ -10,7 +10,7 @@ from ..backend import Backend, backend_for
 from ..plan import active_run
 from .masks import check_key_mask, check_seq_len
 
-STRATEGIES = ("ulysses", "allgather_kv", "ring", "auto")
+STRATEGIES = ("ulysses", "allgather_kv", "ring", "usp", "auto")
 
 
 class AttentionShapes(NamedTuple):

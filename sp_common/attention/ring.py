@@ -34,13 +34,35 @@ from .masks import valid_keys
 class RingSpec:
     """What every step of the ring needs besides the tensors (static: hashable, no arrays)."""
 
-    group: Any
-    n: int
-    local: int
+    group: Any  # the ring's group (USP: the ring axis alone)
+    n: int  # ranks in the ring
+    local: int  # tokens of a block: a shard, or (USP) the inner group's shards concatenated
     real: int
     scale: float
     causal: bool
-    layout: Layout
+    layout: Layout  # the layout of the shards over all ``n * inner`` ranks
+    inner: int = 1  # USP: the ranks of the Ulysses axis whose shards make one block
+
+    @property
+    def shard(self) -> int:
+        """Tokens of one rank's shard."""
+        return self.local // self.inner
+
+    @property
+    def skips(self) -> bool:
+        """Whether a block is two chunks in sequence order (causal pairs can be skipped): every
+        ring block, and USP blocks in the contiguous layout. A USP block under zigzag is its
+        inner ranks' chunk pairs: causal masks, no skipping."""
+        return self.inner == 1 or self.layout == "contiguous"
+
+
+def block_positions(spec: RingSpec, index: Any, member: Any) -> Any:
+    """The sequence positions of the tokens at ``index`` of ring member ``member``'s block
+    (arithmetic only: ``member`` may be traced)."""
+    if spec.inner == 1:
+        return positions(spec.layout, index, spec.local, spec.n, member)
+    rank = member * spec.inner + index // spec.shard  # the rank of the shard each token is from
+    return positions(spec.layout, index % spec.shard, spec.shard, spec.n * spec.inner, rank)
 
 
 def ring(
@@ -87,7 +109,7 @@ def _parts(spec: RingSpec) -> tuple[tuple[int, int], ...]:
     """The ``(start, length)`` of the pieces a shard is cut into: two halves under causal
     attention (the first one the larger), else the whole shard."""
     s = spec.local
-    if not spec.causal or s < 2:
+    if not spec.causal or s < 2 or not spec.skips:
         return ((0, s),)
     half = (s + 1) // 2
     return ((0, half), (half, s - half))
@@ -123,7 +145,7 @@ class _Step:
         self.src = rank if self.own else (rank - t) % spec.n
         self.parts = _parts(spec)
         self.q_pos = q_pos
-        self.k_pos = positions(spec.layout, index, spec.local, spec.n, self.src)
+        self.k_pos = block_positions(spec, index, self.src)
         valid = None
         if spec.real < spec.n * spec.local:
             valid = backend.reshape(self.k_pos < spec.real, (1, -1))
@@ -137,6 +159,8 @@ class _Step:
         (True: skip; else attend with the causal mask) where the ranks are traced."""
         if not self.spec.causal:
             return "full"
+        if not self.spec.skips:
+            return "diag"
         if self.own:  # the rank's own block: its pieces are in sequence order
             ck, cq = kj, qi
         else:
@@ -180,7 +204,7 @@ class _Pass:
         self.five = (batch, s, hkv, hq // hkv)  # [B, s, Hkv, G, *]
         self.rank = backend.rank(spec.group)
         self.index = backend.arange(q, s)
-        self.q_pos = positions(spec.layout, self.index, s, spec.n, self.rank)
+        self.q_pos = block_positions(spec, self.index, self.rank)
         self.parts = _parts(spec)
 
     def as5(self, x: Any) -> Any:
@@ -199,6 +223,8 @@ class _Pass:
         block goes nowhere). The middle steps run as the backend's loop (JAX: one traced
         ``fori_loop`` body, whatever N)."""
         n = self.spec.n
+        if n == 1:
+            return body(0, carry, False)
         carry = body(0, carry, True)
         carry = self.backend.loop(1, n - 1, lambda t, c: body(t, c, True), carry)
         return body(n - 1, carry, False)
@@ -305,12 +331,14 @@ def ring_backward(
         if grads is not None:
             arrived_k, arrived_v = grads.wait()
             dk_block, dv_block = dk_block + arrived_k, dv_block + arrived_v
+        if spec.n == 1:  # a ring of one (USP without a ring): the block is home
+            return held, dq, (dk_block, dv_block)
         grads = backend.ring_shift((dk_block, dv_block), spec.group)
         return (held if moving is None else moving.wait()), dq, grads
 
     held = (k, v) if key_mask is None else (k, v, key_mask)
     _, dq, grads = run.steps(body, (held, [None] * len(parts), None))
-    dk_home, dv_home = grads.wait()
+    dk_home, dv_home = grads if spec.n == 1 else grads.wait()
     dq_all = backend.reshape(backend.concat(dq, 1), backend.shape(q))
     return (
         backend.cast_like(dq_all, q),

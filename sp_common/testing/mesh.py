@@ -9,9 +9,15 @@ from typing import Any
 __all__ = ["mesh_of", "run_sharded", "sharded", "spec_on"]
 
 
-def mesh_of(n: int, axis: str = "sp", devices: list[Any] | None = None) -> Any:
-    """A 1-D ``jax.sharding.Mesh`` named ``axis`` over the first ``n`` of ``devices`` (default:
-    ``jax.devices()``). ValueError when there are fewer than ``n``."""
+def mesh_of(
+    n: int,
+    axis: str | tuple[str, ...] = "sp",
+    devices: list[Any] | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> Any:
+    """A ``jax.sharding.Mesh`` over the first ``n`` of ``devices`` (default: ``jax.devices()``):
+    1-D named ``axis``, or of ``shape`` (row-major, product ``n``) with the axes named by the
+    tuple ``axis``. ValueError when there are fewer than ``n`` devices."""
     import jax
     import numpy as np
 
@@ -21,7 +27,8 @@ def mesh_of(n: int, axis: str = "sp", devices: list[Any] | None = None) -> Any:
             f"mesh_of: n={n} devices asked for, {len(found)} present; on the CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts."
         )
-    return jax.sharding.Mesh(np.array(found[:n]), (axis,))
+    names = (axis,) if isinstance(axis, str) else axis
+    return jax.sharding.Mesh(np.array(found[:n]).reshape(shape or (n,)), names)
 
 
 def spec_on(dim: int | None, axis: str = "sp") -> Any:
