@@ -77,6 +77,16 @@ def _mesh_group(func: str, mesh: DeviceMesh) -> dist.ProcessGroup:
         )
     if mesh.ndim == 1:
         return mesh.get_group()
+    ranks = mesh.mesh.flatten().tolist()
+    if ranks != sorted(ranks):
+        # A process group numbers its ranks in global order: only then are the flattened
+        # group's ranks ring_index * U + ulysses_index, with each dim's group ranked alike.
+        raise ValueError(
+            f"{func}: group is a 2-D DeviceMesh whose ranks {mesh.mesh.tolist()} are not in "
+            "increasing row-major order; its flattened group would number them otherwise than "
+            "ring_index * U + ulysses_index. Build it with init_device_mesh(device, (R, U), "
+            "mesh_dim_names=('ring', 'ulysses')) or list the ranks in increasing order."
+        )
     flat = mesh._flatten().get_group()
     if flat not in _TWO_AXES:
         _TWO_AXES[flat] = (mesh.get_group(0), mesh.get_group(1))
@@ -181,7 +191,8 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
         if axes is None:
             raise ValueError(
                 f"{func}: strategy='usp' needs a group of two axes, a 2-D DeviceMesh with the "
-                f"ring dim first, got the group {group!r} of one; pass e.g. group="
+                f"ring dim first, got a group of one axis ({self.world_size(group)} ranks); "
+                "pass e.g. group="
                 "init_device_mesh('cuda', (R, U), mesh_dim_names=('ring', 'ulysses')) (to "
                 "sp_shard and sp_gather too, or in sp_group(...))."
             )

@@ -221,10 +221,12 @@ def ulysses_is_attention() -> dict[str, bool]:
     return {"equal": bool(torch.equal(a, b))}
 
 
-def attention_compiled(seq: int, strategy: str = "ulysses") -> dict[str, Any]:
+def attention_compiled(
+    seq: int, strategy: str = "ulysses", compiler: str = "inductor"
+) -> dict[str, Any]:
     """torch.compile(fullgraph=True) over causal, grouped-KV attention on ``seq`` tokens
-    (padded where the world size does not divide it) with ``strategy``: one graph, forward and
-    backward equal to eager."""
+    (padded where the world size does not divide it) with ``strategy`` (USP: over a 2-D
+    DeviceMesh): one graph, forward and backward equal to eager."""
     import torch
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -232,15 +234,21 @@ def attention_compiled(seq: int, strategy: str = "ulysses") -> dict[str, Any]:
     import sp_common as sp
 
     torch._dynamo.reset()
+    import torch.distributed as dist
+
+    case = AttnCase(dist.get_world_size(), seq, 4, 2, True, "none", "float32", strategy=strategy)
+    group = torch_group(case)  # USP: a 2-D DeviceMesh
 
     def block(t: torch.Tensor) -> torch.Tensor:
-        s, p = sp.sp_shard_with_padding(t, 1)
+        s, p = sp.sp_shard_with_padding(t, 1, group=group)
         kv = s[:, :, :2]
-        out = sp.sp_attention(s, kv, kv * 2, strategy=strategy, causal=True, seq_len=t.shape[1])
-        return sp.sp_gather(out, 1, pad_size=p)
+        out = sp.sp_attention(
+            s, kv, kv * 2, strategy=strategy, causal=True, seq_len=t.shape[1], group=group
+        )
+        return sp.sp_gather(out, 1, pad_size=p, group=group)
 
     x = make_data((1, seq, 4, 8), "float32", 0, specials=False)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(compiler)
     compiled = torch.compile(block, backend=counter, fullgraph=True)
     tc = to_torch(x).requires_grad_()
     compiled(tc).sum().backward()

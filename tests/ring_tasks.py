@@ -106,3 +106,27 @@ def second_derivatives(seq: int) -> dict[str, str]:
     except RuntimeError as e:
         results["func_grad_of_grad"] = str(e)
     return results
+
+
+def two_axis_shards(seq: int) -> dict[str, Any]:
+    """This rank's sp_shard of ``arange(seq)`` over a 2 x 2 DeviceMesh, its mesh coordinate
+    and the gather back; and the error for a mesh whose rows are not in global rank order."""
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
+    import sp_common as sp
+
+    mesh = DeviceMesh("cpu", [[0, 1], [2, 3]], mesh_dim_names=("ring", "ulysses"))
+    x = torch.arange(seq)
+    shard = sp.sp_shard(x, 0, group=mesh)
+    out = {
+        "shard": shard.tolist(),
+        "coordinate": mesh.get_coordinate(),
+        "gathered": sp.sp_gather(shard, 0, group=mesh).tolist(),
+    }
+    try:
+        sp.sp_shard(x, 0, group=DeviceMesh("cpu", [[0, 2], [1, 3]]))
+        out["unordered"] = "no error"
+    except ValueError as e:
+        out["unordered"] = str(e)
+    return out

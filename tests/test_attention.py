@@ -282,14 +282,20 @@ def test_sp_ulysses_attention_is_sp_attention_with_the_strategy_fixed(torch_rank
 
 
 @pytest.mark.parametrize(
-    ("seq", "strategy"),
-    [(8, "ulysses"), (7, "ulysses"), (7, "ring")],
-    ids=["divides", "padded", "ring-padded"],
+    ("seq", "strategy", "n", "compiler"),
+    [
+        (8, "ulysses", 2, "inductor"),
+        (7, "ulysses", 2, "inductor"),
+        (7, "ring", 2, "inductor"),
+        # USP over a 2 x 2 DeviceMesh: the tracing (inductor on 4 ranks takes ~2 minutes here)
+        (11, "usp", 4, "aot_eager"),
+    ],
+    ids=["divides", "padded", "ring-padded", "usp-padded"],
 )
 def test_torch_compile_traces_causal_grouped_attention_in_one_graph(
-    seq, strategy, torch_ranks
+    seq, strategy, n, compiler, torch_ranks
 ) -> None:
-    for r in torch_ranks(2).run(tasks.attention_compiled, seq, strategy, timeout_s=280):
+    for r in torch_ranks(n).run(tasks.attention_compiled, seq, strategy, compiler, timeout_s=280):
         assert r["frames"] == 1
         # compiled vs eager float32: the same math, fused and ordered differently
         assert r["max_out_diff"] <= 1e-6 and r["max_grad_diff"] <= TOL["float32"]

@@ -489,7 +489,7 @@ def argument_cases() -> list[Case]:
     )
     for strategy, error in (
         ("Ring", ValueError),
-        ("usp", ValueError),
+        ("USP", ValueError),
         (None, ValueError),
         (1, ValueError),
     ):
@@ -504,6 +504,19 @@ def argument_cases() -> list[Case]:
                 {"strategy": strategy},
             )
         )
+    cases.append(
+        dataclasses.replace(
+            Case(
+                "usp over a group of one axis",
+                "sp_attention",
+                (Q, Q, Q),
+                ValueError,
+                ("strategy='usp' needs a group of two",),
+                {"strategy": "usp"},
+            ),
+            worlds=(2,),
+        )
+    )
     return cases
 
 

@@ -111,3 +111,17 @@ def test_torch_second_derivatives_through_the_ring_raise_and_first_order_func_gr
         assert "differentiable once" in r["create_graph"], r
         assert "differentiable once" in r["func_grad_of_grad"], r
         assert r["func_grad_equal"] == "True"
+
+
+def test_a_two_axis_torch_group_shards_in_row_major_mesh_order(torch_ranks) -> None:
+    """sp_shard over a 2-D DeviceMesh (USP's group): one group of R x U ranks, shard
+    ``ring_index * U + ulysses_index``. A mesh whose ranks are not in increasing row-major
+    order raises: process groups number ranks in global order, so its flattened group would
+    shard in another order than its dims' groups attend in (found by this test: rank 1 of
+    [[0, 2], [1, 3]] got shard 1 instead of 2)."""
+    for r in torch_ranks(4).run(ring_tasks.two_axis_shards, 8):
+        ring, ulysses = r["coordinate"]
+        index = ring * 2 + ulysses
+        assert r["shard"] == [2 * index, 2 * index + 1], r
+        assert r["gathered"] == list(range(8))
+        assert "not in increasing row-major order" in r["unordered"], r
