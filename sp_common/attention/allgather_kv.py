@@ -38,9 +38,6 @@ def allgather_kv(
     reduce-scatter. Memory: the whole K and V on every rank (O(S)). Half types gather and
     attend in float32 (their partial K/V gradients would round before the sum).
     """
-    if n == 1:
-        mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
-        return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
     keys = sequence_positions(layout, backend.arange(q, shapes.padded), shapes.local, n)
     mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real, keys)
     local = backend.arange(q, shapes.local)

@@ -10,6 +10,7 @@ from ..layouts import Layout, check_layout
 from ..plan import active_run
 from .allgather_kv import allgather_kv
 from .checks import check_attention
+from .masks import valid_keys
 from .ring import ring
 from .select import choose_strategy
 from .ulysses import ulysses
@@ -146,6 +147,9 @@ def attention_call(
         agreed = {**options, "seq_len": shapes.real, "scale": shapes.scale}
         backend.check_consistent(func, g, tensors, agreed)
     assert isinstance(causal, bool) and isinstance(strategy, str)  # checked above
+    if n == 1:  # every strategy is plain attention on one rank
+        mask = valid_keys(backend, g, n, q, key_mask, shapes.padded, shapes.real)
+        return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
     if strategy == "auto":
         strategy = choose_strategy(shapes, n, backend.dtype_info(q).name)
     return _STRATEGY[strategy](backend, g, n, q, k, v, shapes, causal, key_mask, lay)

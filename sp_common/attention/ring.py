@@ -27,7 +27,6 @@ from ..backend import Backend
 from ..layouts import Layout, positions
 from .blocks import block_forward, block_grads, merge
 from .checks import AttentionShapes
-from .masks import valid_keys
 
 
 @dataclass(frozen=True)
@@ -91,9 +90,6 @@ def ring(
     rank O(S/N). Differentiable once (the backward is the explicit ring; a second derivative
     raises).
     """
-    if n == 1:
-        mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
-        return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
     if key_mask is not None and len(backend.shape(key_mask)) == 1:
         key_mask = backend.reshape(key_mask, (1, -1))
     spec = RingSpec(group, n, shapes.local, shapes.real, shapes.scale, causal, layout)

@@ -41,12 +41,10 @@ def ulysses(
     not sequence order, so the kernel gets the sequence position of every query and key.
     """
     order = None
-    if layout == "zigzag" and n > 1:
+    if layout == "zigzag":
         index = backend.arange(q, shapes.padded)
         order = sequence_positions(layout, index, shapes.local, n)
     mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real, order)
-    if n == 1:
-        return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
     heads = head_layout(shapes.q_heads, shapes.kv_heads, n)
     if heads.repeat > 1:
         k, v = (backend.repeat_interleave(t, 2, heads.repeat) for t in (k, v))

@@ -9,7 +9,6 @@ from ..backend import Backend
 from ..layouts import Layout
 from .checks import AttentionShapes
 from .heads import head_layout
-from .masks import valid_keys
 from .ring import RingSpec
 
 
@@ -43,9 +42,6 @@ def usp(
     heads. Causal attention skips fully masked blocks in the contiguous layout; under zigzag
     every block is attended with its mask (correct, not balanced).
     """
-    if n == 1:
-        mask = valid_keys(backend, group, n, q, key_mask, shapes.padded, shapes.real)
-        return backend.attention(q, k, v, scale=shapes.scale, causal=causal, key_mask=mask)
     ring_group, ulysses_group = backend.two_axes("sp_attention", group)
     u = backend.world_size(ulysses_group)
     if key_mask is not None:
