@@ -1,0 +1,13 @@
+"""Adapters that run model libraries' attention through ``sp_attention``.
+
+Each adapter is its own module, imported only when named; importing ``sp_common.integrations``
+imports no framework and no model library:
+
+- :mod:`sp_common.integrations.transformers`: an attention implementation registered with
+  transformers' ``AttentionInterface`` (``attn_implementation="sp_attention"``) and a plan that
+  shards a causal LM's tokens and RoPE positions (extra ``integrations-transformers``).
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
