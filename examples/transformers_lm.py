@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sp_common.attention.api import Strategy
 from sp_common.testing import RankPool, to_numpy
 
 WORLD = 4
@@ -92,19 +93,20 @@ class LMRun(NamedTuple):
 
 
 def compare_on_rank(
-    family: str, batch: int, seq: int, seed: int, padded_row: bool, layout: str
+    family: str, batch: int, seq: int, seed: int, padded_row: bool, layout: str, strategy: Strategy
 ) -> LMRun:
-    """On every rank: the model under ``apply_causal_lm_plan`` and the same weights unsharded
-    (``sdpa``), on the same full inputs."""
+    """On every rank: the model under ``apply_causal_lm_plan`` (attention ``strategy``) and the
+    same weights unsharded (``sdpa``), on the same full inputs."""
     import torch
 
-    from sp_common.integrations.transformers import apply_causal_lm_plan
+    from sp_common.integrations.transformers import apply_causal_lm_plan, register_sp_attention
     from sp_common.layouts import check_layout
 
     inputs = {k: torch.from_numpy(v) for k, v in lm_inputs(batch, seq, seed, padded_row).items()}
     if not padded_row:
         del inputs["attention_mask"]
-    model = tiny_model(family, "sp_attention", seed)
+    implementation = register_sp_attention(f"sp_attention_{strategy}", strategy=strategy)
+    model = tiny_model(family, implementation, seed)
     reference = tiny_model(family, "sdpa", seed)
     reference.load_state_dict(model.state_dict())
     with apply_causal_lm_plan(model, layout=check_layout("compare_on_rank", layout)):
@@ -131,9 +133,12 @@ def compare(
     seq: int = SEQ,
     padded_row: bool = True,
     layout: str = "contiguous",
+    strategy: Strategy = "ulysses",
 ) -> dict[str, float]:
     """Run the comparison on ``pool``'s ranks; the max differences (see :func:`max_differences`)."""
-    return max_differences(pool.run(compare_on_rank, family, BATCH, seq, SEED, padded_row, layout))
+    return max_differences(
+        pool.run(compare_on_rank, family, BATCH, seq, SEED, padded_row, layout, strategy)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=WORLD)
     parser.add_argument("--family", choices=("llama", "qwen3"), default="llama")
     parser.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    parser.add_argument(
+        "--strategy", choices=("ulysses", "allgather_kv", "ring", "auto"), default="ulysses"
+    )
     args = parser.parse_args(argv)
     with RankPool(args.world_size, call_timeout_s=CALL_TIMEOUT_S) as pool:
-        worst = compare(pool, args.family, layout=args.layout)
+        worst = compare(pool, args.family, layout=args.layout, strategy=args.strategy)
     print(
         f"tiny {args.family} causal LM, B={BATCH} S={SEQ} (row 1 right-padded), "
-        f"{args.world_size} ranks, layout={args.layout}, sharded vs unsharded (sdpa):"
+        f"{args.world_size} ranks, layout={args.layout}, strategy={args.strategy}, sharded vs "
+        "unsharded (sdpa):"
     )
     for kind, diff in worst.items():
         print(f"  max |difference| of the {kind:9s} {diff:.3g} (tolerance {TOL:g})")

@@ -26,20 +26,22 @@ Ranks = Callable[[int], RankPool]
 
 
 @pytest.mark.parametrize(
-    "family, seq, padded_row, layout",
+    "family, seq, padded_row, layout, strategy",
     [
-        ("llama", 8, False, "contiguous"),
-        ("llama", 7, True, "contiguous"),
-        ("llama", 9, True, "zigzag"),
-        ("qwen3", 8, True, "contiguous"),
-        ("qwen3", 7, False, "contiguous"),
+        ("llama", 8, False, "contiguous", "ulysses"),
+        ("llama", 7, True, "contiguous", "ulysses"),
+        ("llama", 9, True, "zigzag", "ulysses"),
+        ("llama", 7, True, "zigzag", "ring"),
+        ("qwen3", 8, True, "contiguous", "allgather_kv"),
+        ("qwen3", 7, False, "contiguous", "ulysses"),
+        ("qwen3", 9, False, "contiguous", "ring"),
     ],
 )
 def test_sharded_logits_and_gradients_equal_the_unsharded_model(
-    torch_ranks: Ranks, family: str, seq: int, padded_row: bool, layout: str
+    torch_ranks: Ranks, family: str, seq: int, padded_row: bool, layout: str, strategy: str
 ) -> None:
     worst = transformers_lm.compare(
-        torch_ranks(2), family, seq=seq, padded_row=padded_row, layout=layout
+        torch_ranks(2), family, seq=seq, padded_row=padded_row, layout=layout, strategy=strategy
     )
     assert worst["logits"] <= TOL and worst["gradients"] <= TOL, worst
 
