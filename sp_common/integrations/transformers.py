@@ -17,15 +17,22 @@ model, the output embedding's ``[B, s, V] -> [B, S, V]`` gathered) and shards th
 inputs with the sequence: ``position_ids`` (built as ``arange(S)`` when the call passes none,
 then sharded, so that RoPE sees each token's global position) and the 2-d padding
 ``attention_mask``. A length the world size does not divide is padded; the real length reaches
-attention through the plan (``planned_seq_len``).
+attention through the plan (``planned_seq_len``), and so does the layout (``layout="zigzag"``
+balances causal work). The hook always passes the model a mask (all ones when the call has
+none), so that transformers never reads the shards' positions, which jump under zigzag and at
+the padding, as packed sequences; a call whose own ``position_ids`` jump, with no mask, is
+refused as packed sequences. Sharding by hand (``sp_shard`` of the tokens and positions, no
+plan) works for lengths the world size divides: outside a plan attention takes the sequence as
+unpadded and contiguous.
 
 Positions, the silent failure this module guards against: a transformers model called on a
 sharded sequence without ``position_ids`` numbers every rank's tokens from 0. The plan always
 shards the positions, and records that it did. Without the plan (sequences sharded by hand, or
-a plan of your own that does not shard them) the attention function checks, once per forward
-pass, whether a rank that does not hold the first tokens sees the positions ``0 .. s-1``, and
-then raises ``ValueError`` on every rank (one small all-gather of a flag). It cannot check a
-model that does not pass ``position_ids`` down to attention.
+a plan of your own that does not shard them) the attention function checks, once per
+``position_ids`` tensor (so once per forward pass), whether a rank that does not hold the first
+tokens sees the positions ``0 .. s-1``, and then raises ``ValueError`` on every rank (one small
+all-gather of a flag). It cannot check a model that does not pass ``position_ids`` down to
+attention.
 
 Masks: causal (or non-causal, from ``module.is_causal``) attention, grouped KV heads and a 2-d
 padding mask are exact. Everything else transformers can build (sliding windows, chunked or
