@@ -26,6 +26,7 @@ demo: $(STAMP)
 	mkdir -p out
 	$(PY) -m sp_common --world-size 4 --seq-lens 256,512,1024,2048 \
 		--json out/compare.json --plot out/compare.png
+	$(PY) -m examples.transformers_lm
 
 # Ratios against the raw collectives on 4 gloo ranks / 4 JAX CPU devices (not part of `make test`).
 bench: $(STAMP)
