@@ -32,12 +32,20 @@ class _Ring(torch.autograd.Function):
         ctx.mark_non_differentiable(o5, lse)
 
     @staticmethod
+    def vmap(info: Any, in_dims: tuple, *args: Any) -> Any:
+        raise RuntimeError(
+            "sp_attention(strategy='ring'): torch.func.vmap over ring attention is not "
+            "supported; use strategy='ulysses' or strategy='allgather_kv' under vmap, or fold "
+            "the vmapped dim into the batch dim B."
+        )
+
+    @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         q, k, v, key_mask, o5, lse = ctx.saved_tensors
         with torch.no_grad():
             dq, dk, dv = ring_backward(ctx.backend, ctx.spec, q, k, v, key_mask, o5, lse, dout)
         if torch.is_grad_enabled():  # create_graph=True: the gradients must not be constants
-            dq, dk, dv = _Once.apply(q, dq, dk, dv)
+            dq, dk, dv = _Once.apply(q, k, v, dq, dk, dv)
         return None, None, dq, dk, dv, None
 
 
@@ -50,9 +58,11 @@ class _Once(torch.autograd.Function):
     grad, so it would let that wrong second derivative through)."""
 
     @staticmethod
-    def forward(q: torch.Tensor, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # q (an input that requires grad) makes the outputs part of the graph, at whatever
-        # level of torch.func transforms the backward runs.
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *grads: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        # q, k and v (whichever a second derivative differentiates) make the outputs part of
+        # its graph, at whatever level of torch.func transforms the backward runs.
         return tuple(g.view_as(g) for g in grads)
 
     @staticmethod
