@@ -8,8 +8,9 @@ Every figure is a ratio of two things measured in this run, interleaved, on 4 gl
 (torch) or 4 JAX CPU devices: the median over many repeats of ours divided by the median of the
 baseline (torch: the slowest rank of each repeat). ``paired`` is the median and IQR of the
 per-repeat ratios, a measure of the noise. The one exception, JAX attention over torch's, is
-marked: two loops of this run, in two processes, so a ratio of medians only. Not part of the
-test suite: timings on a shared machine are evidence, not pass/fail.
+marked: two loops of this run, in two processes, so a ratio of medians only. Ring attention's
+tables come last (``benchmarks.ring_bench``). Not part of the test suite: timings on a shared
+machine are evidence, not pass/fail.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import torch_bench
+from benchmarks import ring_bench, torch_bench
 from sp_common.testing import RankPool, Timings, format_table, mesh_of, slowest_rank
 
 WORLD = 4
@@ -289,7 +290,9 @@ def main() -> int:
     )
     with RankPool(WORLD) as pool:
         figures, fixed, memory = torch_figures(pool)
+        ring = ring_bench.torch_ring(pool)
     jfigures, hlo = jax_figures()
+    ring_memory = ring_bench.jax_memory(WORLD)
     headers = ["benchmark", "shape", "ours", "baseline", "ratio", "paired [p25, p75]", "target", ""]
     print()
     every = [*figures, *jfigures]
@@ -298,6 +301,8 @@ def main() -> int:
     print_memory(memory)
     print("\nJAX compiled HLO op counts")
     print_hlo(hlo)
+    print("\nring attention (sp_attention strategy='ring')")
+    print(ring_bench.report(ring, ring_memory))
     print(f"\ndone in {time.monotonic() - start:.0f} s")
     return 0
 
