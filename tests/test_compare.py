@@ -1,4 +1,5 @@
-"""The sp-compare tool: a small correct run on both backends, its JSON and plot, argument errors."""
+"""The sp-compare tool: a small correct run of every op on both backends, its JSON and plot,
+argument errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sp_common.compare.cases import DTYPES, FLOAT_DTYPES, OPS, Case
+from sp_common.compare.cases import ATTENTION_OPS, DEFAULT_OPS, DTYPES, FLOAT_DTYPES, OPS, Case
 from sp_common.compare.cli import CompareError, Progress, parse_args, plan
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,12 +43,13 @@ def table_rows(stdout: str) -> list[list[str]]:
     return rows
 
 
-def test_a_small_run_on_two_torch_ranks_and_two_jax_devices_is_correct_and_recorded(
+def test_a_small_run_of_every_op_on_two_torch_ranks_and_two_jax_devices_is_correct_and_recorded(
     tmp_path: Path,
 ) -> None:
     out_json, out_png = tmp_path / "compare.json", tmp_path / "compare.png"
     plot = importlib.util.find_spec("matplotlib") is not None
     args = ["--world-size", "2", "--shape", "1,8,4", "--heads", "2", "--seq-lens", "8,16"]
+    args += ["--ops", ",".join(OPS)]
     args += ["--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out_json)]
     result = sp_compare(*args, *(["--plot", str(out_png)] if plot else []))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -70,6 +72,10 @@ def test_a_small_run_on_two_torch_ranks_and_two_jax_devices_is_correct_and_recor
         assert r["gbps"] > 0 and r["torch_over_jax"] > 0
     padded = {tuple(r["shape"]) for r in data["results"] if r["op"] == "padded"}
     assert padded == {(1, 7, 4), (1, 15, 4)}  # N divides S, so it runs on S - 1 and pads
+    for op in ATTENTION_OPS:  # [B, S, heads, D], checked against numpy attention
+        attention = [r for r in data["results"] if r["op"] == op]
+        assert {tuple(r["shape"]) for r in attention} == {(1, 8, 2, 2), (1, 16, 2, 2)}
+        assert all(r["check"].startswith("allclose to float64 numpy attention") for r in attention)
     if plot:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -84,9 +90,9 @@ def test_every_dtype_runs_every_op_it_offers_correctly_and_notes_what_it_leaves_
     assert all(r[3] == "yes" for r in rows), result.stdout
     ran = {r[0] for r in rows}
     if dtype in FLOAT_DTYPES:
-        assert ran == set(OPS)
+        assert ran == set(DEFAULT_OPS)
     else:
-        assert ran == set(OPS) - {"ulysses"}
+        assert ran == set(DEFAULT_OPS) - {"ulysses"}
         assert "sp-compare: note: left out ulysses: ulysses " in result.stderr, result.stderr
         assert f"not {dtype}" in result.stderr
 
@@ -102,7 +108,10 @@ def test_every_dtype_runs_every_op_it_offers_correctly_and_notes_what_it_leaves_
         (["--world-size", "1"], "--world-size 1: must be at least 2"),
         (["--dim", "3"], "--dim 3: out of range"),
         (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
-        (["--ops", "ulysses", "--dtype", "int32"], "ulysses needs a float dtype"),
+        (["--ops", "ulysses", "--dtype", "int32"], "--ops ulysses: ulysses needs a float dtype"),
+        (["--ops", "ring", "--dtype", "int8"], "--ops ring: ring needs a float dtype, not int8"),
+        (["--ops", "allgather_kv", "--dim", "2"], "--ops allgather_kv: allgather_kv needs --dim 1"),
+        (["--ops", "ring", "--heads", "3"], "--ops ring: ring: --heads 3 does not divide"),
         (["--shape", "1,x,8"], "--shape '1,x,8': not a list of integers"),
         (["--world-size", "two"], "argument --world-size/-n: invalid int value"),
         (["--json", "/no/such/folder/c.json"], "--json /no/such/folder/c.json"),
@@ -164,12 +173,23 @@ def test_json_and_plot_naming_one_file_exit_2(tmp_path: Path) -> None:
 
 def test_ops_that_do_not_fit_are_left_out_with_a_note_unless_named() -> None:
     cases, notes = plan(parse_args(["--dtype", "int32", "--world-size", "2"]))
-    assert {c.op for c in cases} == set(OPS) - {"ulysses"}
+    assert {c.op for c in cases} == set(DEFAULT_OPS) - {"ulysses"}
     assert notes == [
         "left out ulysses: ulysses needs a float dtype, not int32; pass --dtype float32"
     ]
-    with pytest.raises(CompareError, match="--ops ulysses: ulysses needs a float dtype"):
-        plan(parse_args(["--dtype", "int32", "--ops", "ulysses"]))
+    for op in ATTENTION_OPS:
+        with pytest.raises(CompareError, match=f"--ops {op}: {op} needs a float dtype"):
+            plan(parse_args(["--dtype", "int32", "--ops", op]))
+
+
+def test_the_default_ops_leave_out_allgather_kv_and_ring_which_run_when_named() -> None:
+    cases, _ = plan(parse_args(["--world-size", "2"]))
+    assert [c.op for c in cases] == list(DEFAULT_OPS)
+    cases, _ = plan(parse_args(["--world-size", "2", "--ops", "ring,allgather_kv"]))
+    assert [(c.op, c.shape) for c in cases] == [
+        ("ring", (1, 4096, 8, 32)),
+        ("allgather_kv", (1, 4096, 8, 32)),
+    ]
 
 
 def test_a_sweep_replaces_the_sequence_dim_and_only_padded_accepts_any_length() -> None:

@@ -12,18 +12,45 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-OPS = ("shard", "gather", "padded", "all-to-all", "ulysses")
+
+@dataclass(frozen=True)
+class AttentionOp:
+    """An attention op: ``sp_common.<function>(q, k, v)``, with ``strategy=`` when one is named.
+
+    Every attention op takes ``[B, S/N, heads, D]`` shards of q, k, v and is checked against the
+    same float64 numpy attention (:data:`ATTENTION_TOL`).
+    """
+
+    function: str
+    strategy: str | None = None
+
+    @property
+    def call(self) -> str:
+        strategy = "" if self.strategy is None else f', strategy="{self.strategy}"'
+        return f"{self.function}(q, k, v{strategy})"
+
+
+# "usp" needs a two-axis group (sp-compare runs one axis of N); "auto" runs one of these three.
+ATTENTION_OPS = {
+    "ulysses": AttentionOp("sp_ulysses_attention"),
+    "allgather_kv": AttentionOp("sp_attention", "allgather_kv"),
+    "ring": AttentionOp("sp_attention", "ring"),
+}
 OP_DESCRIPTIONS = {
     "shard": "sp_shard(x, dim)",
     "gather": "sp_gather(shard, dim)",
     "padded": "sp_shard_with_padding(x, dim) + sp_gather(shard, dim, pad_size=...)",
     "all-to-all": "sp_all_to_all(shard, scatter_dim=last other dim, gather_dim=dim)",
-    "ulysses": "sp_ulysses_attention(q, k, v) on [B, S/N, heads, D] shards",
+    **{name: f"{op.call} on [B, S/N, heads, D] shards" for name, op in ATTENTION_OPS.items()},
 }
+OPS = tuple(OP_DESCRIPTIONS)
+# allgather_kv and ring are left out of the default run: with them `make demo`'s sweep (4 CPU
+# ranks, S up to 2048) took 114 s instead of 55 s on the 2-core machine; name them with --ops.
+DEFAULT_OPS = ("shard", "gather", "padded", "all-to-all", "ulysses")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPES = (*FLOAT_DTYPES, "int32", "int64", "int8", "bool")
-# Ulysses outputs are checked against float64 numpy attention: |out - ref| <= tol + tol * |ref|.
-ULYSSES_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+# Attention outputs are checked against float64 numpy attention: |out - ref| <= tol + tol * |ref|.
+ATTENTION_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 ITEMSIZE = {
     "float32": 4,
@@ -42,7 +69,8 @@ class Case:
     """One op on one global shape, as every backend runs it.
 
     ``shape`` is the full (unsharded) shape: ``[B, S, H]``-like for most ops, ``[B, S, heads, D]``
-    for ``"ulysses"``, and S - 1 tokens for ``"padded"`` when N divides S (so it always pads).
+    for the attention ops (:data:`ATTENTION_OPS`), and S - 1 tokens for ``"padded"`` when N
+    divides S (so it always pads).
     ``seq_len`` is the sweep value S this case belongs to.
     """
 
@@ -71,8 +99,8 @@ def scatter_dim_for(ndim: int, dim: int) -> int:
 
 
 def check_description(case: Case) -> str:
-    if case.op == "ulysses":
-        tol = ULYSSES_TOL[case.dtype]
+    if case.op in ATTENTION_OPS:
+        tol = ATTENTION_TOL[case.dtype]
         return f"allclose to float64 numpy attention (atol=rtol={tol:g})"
     return "bitwise equal to numpy"
 
@@ -80,38 +108,38 @@ def check_description(case: Case) -> str:
 def op_function(case: Case) -> Callable[..., tuple[Any, ...]]:
     """The op as a function of this rank's inputs returning its outputs, written once over
     ``sp_common`` (the backend follows the tensors)."""
-    from .. import (
-        sp_all_to_all,
-        sp_gather,
-        sp_shard,
-        sp_shard_with_padding,
-        sp_ulysses_attention,
-    )
+    import sp_common
+
+    if case.op in ATTENTION_OPS:
+        op = ATTENTION_OPS[case.op]
+        function = getattr(sp_common, op.function)
+        kwargs = {} if op.strategy is None else {"strategy": op.strategy}
+
+        def attention(q: Any, k: Any, v: Any) -> tuple[Any, ...]:
+            return (function(q, k, v, **kwargs),)
+
+        return attention
 
     dim, scatter = case.dim, case.scatter_dim
 
     def shard(x: Any) -> tuple[Any, ...]:
-        return (sp_shard(x, dim),)
+        return (sp_common.sp_shard(x, dim),)
 
     def gather(s: Any) -> tuple[Any, ...]:
-        return (sp_gather(s, dim),)
+        return (sp_common.sp_gather(s, dim),)
 
     def padded(x: Any) -> tuple[Any, ...]:
-        s, pad = sp_shard_with_padding(x, dim)
-        return s, sp_gather(s, dim, pad_size=pad)
+        s, pad = sp_common.sp_shard_with_padding(x, dim)
+        return s, sp_common.sp_gather(s, dim, pad_size=pad)
 
     def all_to_all(s: Any) -> tuple[Any, ...]:
-        return (sp_all_to_all(s, scatter, dim),)
-
-    def ulysses(q: Any, k: Any, v: Any) -> tuple[Any, ...]:
-        return (sp_ulysses_attention(q, k, v),)
+        return (sp_common.sp_all_to_all(s, scatter, dim),)
 
     fns: dict[str, Callable[..., tuple[Any, ...]]] = {
         "shard": shard,
         "gather": gather,
         "padded": padded,
         "all-to-all": all_to_all,
-        "ulysses": ulysses,
     }
     return fns[case.op]
 

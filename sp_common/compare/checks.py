@@ -14,33 +14,34 @@ import numpy as np
 
 from ..testing.attention import reference_attention
 from ..testing.data import make_data, padded_shards, same_bits
-from .cases import ULYSSES_TOL, Case
+from .cases import ATTENTION_OPS, ATTENTION_TOL, Case
 
 
 def input_layouts(case: Case) -> list[int | None]:
     """Layout of each input of the op (see the module docstring)."""
     if case.op in ("shard", "padded"):
         return [None]
-    if case.op == "ulysses":
+    if case.op in ATTENTION_OPS:
         return [1, 1, 1]
     return [case.dim]
 
 
 def output_layouts(case: Case) -> list[int | None]:
     """Layout of each output of the op."""
+    if case.op in ATTENTION_OPS:
+        return [1]
     layouts: dict[str, list[int | None]] = {
         "shard": [case.dim],
         "gather": [None],
         "padded": [case.dim, None],
         "all-to-all": [case.scatter_dim],
-        "ulysses": [1],
     }
     return layouts[case.op]
 
 
 def global_inputs(case: Case) -> list[np.ndarray]:
-    """The full inputs: ``[x]``, or ``[q, k, v]`` for Ulysses (finite values)."""
-    if case.op == "ulysses":
+    """The full inputs: ``[x]``, or ``[q, k, v]`` for an attention op (finite values)."""
+    if case.op in ATTENTION_OPS:
         return [make_data(case.shape, case.dtype, case.seed + i, specials=False) for i in range(3)]
     return [make_data(case.shape, case.dtype, case.seed)]
 
@@ -57,9 +58,9 @@ def rank_inputs(case: Case, full: list[np.ndarray], rank: int) -> list[np.ndarra
 
 
 def expected_outputs(case: Case, full: list[np.ndarray], rank: int) -> list[np.ndarray]:
-    """Rank ``rank``'s expected results (float64 values for Ulysses, exact bits otherwise)."""
+    """Rank ``rank``'s expected results (float64 values for attention, exact bits otherwise)."""
     n = case.world_size
-    if case.op == "ulysses":
+    if case.op in ATTENTION_OPS:
         q, k, v = (a.astype(np.float64) for a in full)
         s = case.shape[1] // n
         return [reference_attention(q, k, v, rows=(rank * s, (rank + 1) * s))]
@@ -70,14 +71,14 @@ def expected_outputs(case: Case, full: list[np.ndarray], rank: int) -> list[np.n
 
 
 def check(case: Case, actual: list[np.ndarray], expected: list[np.ndarray]) -> tuple[bool, str]:
-    """(ok, what differs) for one rank's results: bitwise, or allclose for Ulysses."""
+    """(ok, what differs) for one rank's results: bitwise, or allclose for attention."""
     if len(actual) != len(expected):
         return False, f"{len(actual)} outputs, expected {len(expected)}"
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         if a.shape != e.shape:
             return False, f"output {i}: shape {a.shape}, expected {e.shape}"
-        if case.op == "ulysses":
-            tol = ULYSSES_TOL[case.dtype]
+        if case.op in ATTENTION_OPS:
+            tol = ATTENTION_TOL[case.dtype]
             values = a.astype(np.float64)
             if not np.all(np.abs(values - e) <= tol + tol * np.abs(e)):
                 err = float(np.max(np.abs(values - e)))

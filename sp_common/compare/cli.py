@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TextIO
 
 from .cases import (
+    ATTENTION_OPS,
+    DEFAULT_OPS,
     DTYPES,
     FLOAT_DTYPES,
     OP_DESCRIPTIONS,
@@ -73,17 +75,21 @@ class Settings:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ops = "\n".join(f"  {name:<11} {text}" for name, text in OP_DESCRIPTIONS.items())
+    ops = "\n".join(f"  {name:<13} {text}" for name, text in OP_DESCRIPTIONS.items())
+    attention = ", ".join(ATTENTION_OPS)
     p = _Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the sp_common ops on N torch ranks and on an N-device JAX mesh, check "
-        "every rank's result against numpy (bitwise; ulysses: allclose), time them after warm-up "
-        "and print one table.",
+        f"every rank's result against numpy (bitwise; the attention ops {attention}: allclose "
+        "to float64 numpy attention), time them after warm-up and print one table.",
         epilog=f"ops:\n{ops}\n\n'padded' runs on S - 1 tokens when N divides S, so it always "
-        "pads. 'ulysses' needs a float dtype (any head count). Exit status: 0 all "
-        "correct, 1 a check failed or an op raised, 2 bad arguments (reported before any "
-        "work, --json and --plot paths included).",
+        f"pads. The attention ops ({attention}) need a float dtype and --dim 1 (any head "
+        "count); a [B, S, hidden] --shape becomes [B, S, --heads, hidden / --heads]. "
+        "sp_attention's strategy 'usp' is not offered: it needs a two-axis group, and "
+        "sp-compare runs one axis of N; 'auto' runs one of allgather_kv, ring, ulysses. Exit "
+        "status: 0 all correct, 1 a check failed or an op raised, 2 bad arguments (reported "
+        "before any work, --json and --plot paths included).",
     )
     p.add_argument("--backends", default="torch,jax", help="comma-separated (default torch,jax)")
     p.add_argument(
@@ -101,10 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default="float32",
-        help=f"one of {', '.join(DTYPES)} (ulysses: the float ones)",
+        help=f"one of {', '.join(DTYPES)} (attention ops: the float ones)",
     )
-    p.add_argument("--ops", help=f"comma-separated from {','.join(OPS)} (default: all that fit)")
-    p.add_argument("--heads", type=int, default=8, help="ulysses: H = heads x D (default 8)")
+    p.add_argument(
+        "--ops",
+        help=f"comma-separated from {','.join(OPS)} (default: those of {','.join(DEFAULT_OPS)} "
+        "that fit)",
+    )
+    p.add_argument("--heads", type=int, default=8, help="attention ops: H = heads x D (default 8)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per op (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     p.add_argument(
@@ -220,7 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         shape=shape,
         dim=dim,
         dtype=a.dtype,
-        ops=OPS if a.ops is None else _names(a.ops, "--ops", OPS),
+        ops=DEFAULT_OPS if a.ops is None else _names(a.ops, "--ops", OPS),
         ops_given=a.ops is not None,
         heads=a.heads,
         repeats=a.repeats,
@@ -240,7 +250,7 @@ def _op_shape(op: str, s: Settings, shape: tuple[int, ...]) -> tuple[int, ...]:
     n, size = s.world_size, shape[s.dim]
     if op == "padded" and size % n == 0 and size > 1:
         return (*shape[: s.dim], size - 1, *shape[s.dim + 1 :])
-    if op == "ulysses" and len(shape) == 3:
+    if op in ATTENTION_OPS and len(shape) == 3:
         return (*shape[:2], s.heads, shape[2] // s.heads)
     return shape
 
@@ -257,13 +267,13 @@ def _unfit(op: str, s: Settings, shape: tuple[int, ...]) -> str | None:
                 f"all-to-all scatters dim {scatter} of size {shape[scatter]}, which world size "
                 f"{n} does not divide; use a multiple of {n} there"
             )
-    if op == "ulysses":
+    if op in ATTENTION_OPS:
         if s.dtype not in FLOAT_DTYPES:
-            return f"ulysses needs a float dtype, not {s.dtype}; pass --dtype float32"
+            return f"{op} needs a float dtype, not {s.dtype}; pass --dtype float32"
         if s.dim != 1 or len(shape) not in (3, 4):
-            return "ulysses needs --dim 1 and a [B, S, hidden] or [B, S, heads, D] shape"
+            return f"{op} needs --dim 1 and a [B, S, hidden] or [B, S, heads, D] shape"
         if len(shape) == 3 and shape[2] % s.heads:
-            return f"ulysses: --heads {s.heads} does not divide the hidden size {shape[2]}"
+            return f"{op}: --heads {s.heads} does not divide the hidden size {shape[2]}"
     return None
 
 
@@ -276,7 +286,7 @@ def plan(s: Settings) -> tuple[list[Case], list[str]]:
         if seq_len % s.world_size and ops != ["padded"]:
             raise CompareError(
                 f"sequence length {seq_len} (dim {s.dim}) is not divisible by world size "
-                f"{s.world_size}, as shard, gather, all-to-all and ulysses need; use a multiple "
+                f"{s.world_size}, as every op but padded needs; use a multiple "
                 f"of {s.world_size}, or --ops padded"
             )
     for op in list(ops):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cases import Case, check_description, result_bytes
+from .cases import ATTENTION_OPS, Case, check_description, result_bytes
 
 BACKEND_ORDER = ("torch", "jax")
 
@@ -102,8 +102,10 @@ def table(rows: Sequence[Row]) -> str:
 
 def footnotes(rows: Sequence[Row]) -> list[str]:
     """What the columns mean, and every failed check or op."""
+    attention = [op for op in ATTENTION_OPS if any(r.case.op == op for r in rows)]
     checks = dict.fromkeys(
-        f"{'ulysses' if r.case.op == 'ulysses' else 'data movement'} {check_description(r.case)}"
+        f"{'/'.join(attention) if r.case.op in ATTENTION_OPS else 'data movement'} "
+        f"{check_description(r.case)}"
         for r in rows
     )
     notes = [
