@@ -15,6 +15,7 @@ difference of the output and of the parameter gradients and exits 1 when one exc
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -83,13 +84,34 @@ def _relative(got: Any, want: Any) -> float:
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
+@functools.cache
+def unsharded(seq: int, causal: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The tiny model with nnx's own attention (``nnx.make_causal_mask`` when ``causal``) on
+    ``inputs(seq)``: the output ``[B, S, 16]`` and the parameter gradients of ``sum(y * w)``
+    (``jax.tree.leaves`` order), as numpy; cached, so cases of one length share it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    x, w = (jnp.asarray(a) for a in inputs(seq))
+    graphdef, params = nnx.split(tiny_model())
+    mask = nnx.make_causal_mask(x[..., 0]) if causal else None
+
+    def loss(params: Any) -> tuple[jax.Array, jax.Array]:
+        y = nnx.merge(graphdef, params)(x, mask)
+        return (y * w).sum(), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return np.asarray(y), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
 def compare(
     n: int, seq: int, causal: bool, strategy: Strategy = "ulysses", layout: Layout = "contiguous"
 ) -> dict[str, float]:
-    """The tiny model sharded on ``n`` devices (``apply_nnx_plan``, ``sp_attention_fn``) vs the
-    same weights unsharded with nnx's attention: the largest relative difference of the output
-    ``[B, S, 16]`` (``"output"``) and over every parameter gradient of ``sum(y * w)``
-    (``"gradients"``). One ``jit`` each gives the output and the gradients."""
+    """The tiny model sharded on ``n`` devices (``apply_nnx_plan``, ``sp_attention_fn``) vs
+    :func:`unsharded`: the largest relative difference of the output ``[B, S, 16]``
+    (``"output"``) and over every parameter gradient of ``sum(y * w)`` (``"gradients"``). One
+    ``jit`` gives the output and the gradients."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -97,30 +119,20 @@ def compare(
     import sp_common.integrations.flax as sp_flax
     from sp_common.testing.mesh import mesh_of
 
-    x_np, w_np = inputs(seq)
-    x, w = jnp.asarray(x_np), jnp.asarray(w_np)
+    x, w = (jnp.asarray(a) for a in inputs(seq))
     mesh = mesh_of(n)
-
-    sharded = tiny_model(sp_flax.sp_attention_fn(causal=causal, strategy=strategy))
-    graphdef, params = nnx.split(sharded)
+    model = tiny_model(sp_flax.sp_attention_fn(causal=causal, strategy=strategy))
+    graphdef, params = nnx.split(model)
     forward = sp_flax.apply_nnx_plan(mesh, layout=layout)
 
-    def sharded_loss(params: Any) -> tuple[jax.Array, jax.Array]:
+    def loss(params: Any) -> tuple[jax.Array, jax.Array]:
         y = forward(graphdef, params, x)
         return (y * w).sum(), y
 
-    reference = tiny_model()
-    ref_graphdef, ref_params = nnx.split(reference)
-    mask = nnx.make_causal_mask(x[..., 0]) if causal else None
-
-    def reference_loss(params: Any) -> tuple[jax.Array, jax.Array]:
-        y = nnx.merge(ref_graphdef, params)(x, mask)
-        return (y * w).sum(), y
-
     with jax.set_mesh(mesh):
-        (_, got), got_grads = jax.jit(jax.value_and_grad(sharded_loss, has_aux=True))(params)
-    (_, want), want_grads = jax.jit(jax.value_and_grad(reference_loss, has_aux=True))(ref_params)
-    grads = zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True)
+        (_, got), got_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    want, want_grads = unsharded(seq, causal)
+    grads = zip(jax.tree.leaves(got_grads), want_grads, strict=True)
     return {
         "output": _relative(got, want),
         "gradients": max(_relative(g, r) for g, r in grads),
