@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	# Pinned: this takes the local CPU wheel; an unpinned torch pulls GBs of CUDA packages.
 	# jax[cpu] pins the CPU jaxlib (the package extra stays plain jax for GPU users).
 	$(PY) -m pip install -q torch==2.13.0 "jax[cpu]>=0.10"
-	$(PY) -m pip install -q transformers==5.24.0
+	$(PY) -m pip install -q transformers==5.24.0 diffusers==0.42.1
 	$(PY) -m pip install -q flax==0.12.8
 	$(PY) -m pip install -q -e ".[torch,jax,testing,compare,examples,integrations-transformers,integrations-flax,test,dev]"
 	touch $(STAMP)

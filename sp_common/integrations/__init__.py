@@ -6,6 +6,9 @@ imports no framework and no model library:
 - :mod:`sp_common.integrations.transformers`: an attention implementation registered with
   transformers' ``AttentionInterface`` (``attn_implementation="sp_attention"``) and a plan that
   shards a causal LM's tokens and RoPE positions (extra ``integrations-transformers``).
+- :mod:`sp_common.integrations.diffusers`: attention processors (Flux's joint text + image
+  attention included) and plans for ``FluxTransformer2DModel`` and ``DiTTransformer2DModel``
+  (extra ``integrations-diffusers``).
 """
 
 from __future__ import annotations
