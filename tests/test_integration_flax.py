@@ -5,7 +5,7 @@ for causal), output and parameter gradients, for lengths that divide the device 
 do not; what it cannot do raises.
 
 Tolerance (float32): ``|sharded - unsharded| <= 1e-5 * max(1, max|unsharded|)`` for the output
-and every parameter gradient (measured: output <= 2e-7, gradients <= 2e-6)."""
+and every parameter gradient (measured: output 2e-7 to 3e-7, gradients 8e-7 to 1.6e-6)."""
 
 from __future__ import annotations
 
