@@ -19,8 +19,8 @@ the tokens where the models create them::
   the name ``"image"``, ``encoder_hidden_states`` and its ``txt_ids`` under ``"text"``), so each
   rank holds ``[its text chunk | its image chunk]``, with the rotary embeddings of exactly those
   tokens; attention masks both paddings with a ``key_mask`` and is exact for any ``T`` and ``I``.
-- :class:`SPAttnProcessor` (for diffusers' ``Attention`` with ``AttnProcessor2_0``, as DiT and
-  PixArt-style blocks use): self-attention over the sharded tokens, ``seq_len`` from the plan.
+- :class:`SPAttnProcessor` (for diffusers' ``Attention`` with ``AttnProcessor2_0``, as DiT's
+  blocks use): self-attention over the sharded tokens, ``seq_len`` from the plan.
 - :func:`flux_plan` / :func:`dit_plan`: the ``SPPlan`` s; :func:`apply_flux_plan` /
   :func:`apply_dit_plan` set the processors and apply the plan; ``remove()`` (or leaving the
   ``with`` block) restores both. DiT's tokens are made inside the model by ``pos_embed`` from
