@@ -165,6 +165,24 @@ class JaxBackend(Backend[AxisName]):
             return if_true(x) if pred else if_false(x)
         return lax.cond(pred, if_true, if_false, x)
 
+    def block_forward(
+        self, q5: jax.Array, k: jax.Array, v: jax.Array, allowed: Any, scale: float
+    ) -> tuple[jax.Array, jax.Array]:
+        return ring.block_forward(self, q5, k, v, allowed, scale)
+
+    def block_grads(
+        self,
+        q5: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        allowed: Any,
+        scale: float,
+        lse: jax.Array,
+        do5: jax.Array,
+        delta: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return ring.block_grads(self, q5, k, v, allowed, scale, lse, do5, delta)
+
     def einsum(self, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.einsum(spec, a, b)
 

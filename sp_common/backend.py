@@ -152,6 +152,29 @@ class Backend(Generic[GroupT]):
         bool scalar, both branches then traced and returning the same types)."""
         return if_true(x) if pred else if_false(x)
 
+    def block_forward(self, q5: Any, k: Any, v: Any, allowed: Any, scale: float) -> tuple[Any, Any]:
+        """One ring block's ``(o5, lse)``: ``sp_common.attention.blocks.block_forward`` (its
+        layouts there), a Python loop over key tiles unless the backend has a better one."""
+        from .attention.blocks import block_forward
+
+        return block_forward(self, q5, k, v, allowed, scale)
+
+    def block_grads(
+        self,
+        q5: Any,
+        k: Any,
+        v: Any,
+        allowed: Any,
+        scale: float,
+        lse: Any,
+        do5: Any,
+        delta: Any,
+    ) -> tuple[Any, Any, Any]:
+        """One ring block's ``(dq5, dk, dv)``: ``sp_common.attention.blocks.block_grads``."""
+        from .attention.blocks import block_grads
+
+        return block_grads(self, q5, k, v, allowed, scale, lse, do5, delta)
+
     def einsum(self, spec: str, a: Any, b: Any) -> Any:
         """``einsum(spec, a, b)`` of two tensors of one floating dtype."""
         raise NotImplementedError

@@ -60,10 +60,10 @@ def pair_counts(layout: str, seq: int) -> dict[str, int]:
     """How many (query half, key half) tiles this rank attends in causal ring attention's
     forward pass over a sequence of ``seq`` tokens in ``layout``."""
     import sp_common as sp
-    import sp_common.attention.ring as ring
+    from backend_torch.core import TorchBackend
 
     calls = {"tiles": 0}
-    block_forward = ring.block_forward
+    block_forward = TorchBackend.block_forward
 
     def counting(*args: Any) -> Any:
         calls["tiles"] += 1
@@ -71,11 +71,11 @@ def pair_counts(layout: str, seq: int) -> dict[str, int]:
 
     full = [to_torch(make_data((1, seq, 2, 4), "float32", i, specials=False)) for i in range(3)]
     q, k, v = (sp.sp_shard_with_padding(t, 1, layout=layout)[0] for t in full)
-    ring.block_forward = counting
+    TorchBackend.block_forward = counting  # type: ignore[method-assign]
     try:
         sp.sp_attention(q, k, v, strategy="ring", causal=True, layout=layout)
     finally:
-        ring.block_forward = block_forward
+        TorchBackend.block_forward = block_forward  # type: ignore[method-assign]
     return calls
 
 
@@ -130,3 +130,16 @@ def two_axis_shards(seq: int) -> dict[str, Any]:
     except ValueError as e:
         out["unordered"] = str(e)
     return out
+
+
+def tiled(cases: list[Any], key_block: int) -> list[dict[str, Any]]:
+    """``attention_tasks.torch_attention`` with the ring's key tiles of ``key_block`` keys."""
+    import sp_common.attention.blocks as blocks
+
+    from .attention_tasks import torch_attention
+
+    before, blocks.KEY_BLOCK = blocks.KEY_BLOCK, key_block
+    try:
+        return torch_attention(cases)
+    finally:
+        blocks.KEY_BLOCK = before

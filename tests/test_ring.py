@@ -15,6 +15,8 @@ from sp_common.testing import make_data
 from sp_common.testing.mesh import mesh_of, spec_on
 
 from . import ring_tasks
+from .attention_tasks import AttnCase
+from .test_attention import assert_matches, jax_attention
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -125,3 +127,46 @@ def test_a_two_axis_torch_group_shards_in_row_major_mesh_order(torch_ranks) -> N
         assert r["shard"] == [2 * index, 2 * index + 1], r
         assert r["gathered"] == list(range(8))
         assert "not in increasing row-major order" in r["unordered"], r
+
+
+TILED = [  # ring blocks of 5 and 10 keys in tiles of 4: a padded last tile, causal cuts
+    AttnCase(2, 19, 6, 2, True, "batch", "float64", strategy="ring", layout="zigzag"),
+    AttnCase(2, 20, 4, 4, False, "shared", "float64", strategy="ring"),
+]
+
+
+def test_torch_ring_walks_each_block_in_key_tiles_exactly(torch_ranks) -> None:
+    for rank, results in enumerate(torch_ranks(2).run(ring_tasks.tiled, TILED, 4)):
+        for case, r in zip(TILED, results, strict=True):
+            assert_matches(case, r["out"], r["grads"], f"torch rank {rank}")
+
+
+@pytest.mark.usefixtures("jax_x64")
+def test_jax_ring_scans_each_block_in_key_tiles_exactly(monkeypatch) -> None:
+    import sp_common.attention.blocks as blocks
+
+    monkeypatch.setattr(blocks, "KEY_BLOCK", 4)
+    for case in TILED:
+        assert_matches(case, *jax_attention.__wrapped__(case), "jax")
+
+
+def test_jax_ring_temporaries_grow_linearly_with_the_sequence(monkeypatch) -> None:
+    """XLA's accounting of the compiled forward and backward on 4 devices: with key tiles of
+    64, 4x the sequence is 4x the temporaries (the [s, s] logits of a block would be 16x)."""
+    import sp_common.attention.blocks as blocks
+
+    monkeypatch.setattr(blocks, "KEY_BLOCK", 64)
+
+    def temp_bytes(seq: int) -> int:
+        def loss(q):
+            out = sp.sp_attention(q, q, q, strategy="ring", causal=True)
+            return jax.lax.psum(jnp.sum(out**2), "sp")
+
+        f = jax.shard_map(
+            jax.grad(loss), mesh=mesh_of(4), in_specs=spec_on(1), out_specs=spec_on(1)
+        )
+        q = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32)
+        return int(jax.jit(f).lower(q).compile().memory_analysis().temp_size_in_bytes)
+
+    small, large = temp_bytes(1024), temp_bytes(4096)
+    assert large <= 5 * small, (small, large)

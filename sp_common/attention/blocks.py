@@ -9,6 +9,7 @@ float64)::
     o5  [B, sq, Hkv, G, Dv]    lse [B, sq, Hkv, G]   allowed [B | 1, sq, sk] bool or None
 
 ``lse`` is ``-inf`` for a query that attends no key of the block (its ``o5`` row is zeros).
+The keys of a block are walked in tiles of at most ``KEY_BLOCK``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 from ..backend import Backend
 
 NEG_INF = float("-inf")
+# The most keys of one tile of logits: a tile is [B, sq, Hkv, G, KEY_BLOCK] (the JAX kernel's
+# block size), so a block's temporaries grow linearly with the shard, not with its square.
+KEY_BLOCK = 512
 
 
 def finite(backend: Backend[Any], lse: Any) -> Any:
@@ -34,15 +38,38 @@ def logits(backend: Backend[Any], q5: Any, k: Any, allowed: Any, scale: float) -
     return backend.where(allowed[:, :, None, None, :], s, NEG_INF)
 
 
-def block_forward(
+def _key_slices(sk: int) -> list[slice]:
+    """The key ranges of the tiles: at most ``KEY_BLOCK`` keys each."""
+    return [slice(start, min(start + KEY_BLOCK, sk)) for start in range(0, sk, KEY_BLOCK)]
+
+
+def _tile_mask(allowed: Any, keys: slice) -> Any:
+    return None if allowed is None else allowed[:, :, keys]
+
+
+def tile_forward(
     backend: Backend[Any], q5: Any, k: Any, v: Any, allowed: Any, scale: float
 ) -> tuple[Any, Any]:
-    """``(o5, lse)`` of the queries over this block's keys: ``o5`` normalized over the block,
-    ``lse`` the log of the block's softmax denominator."""
+    """``(o5, lse)`` of the queries over one tile of keys (all of them at once)."""
     s = logits(backend, q5, k, allowed, scale)
     lse = backend.logsumexp(s, -1)
     p = backend.exp(s - finite(backend, lse)[..., None])
     return backend.einsum("bqhgk,bkhe->bqhge", p, v), lse
+
+
+def block_forward(
+    backend: Backend[Any], q5: Any, k: Any, v: Any, allowed: Any, scale: float
+) -> tuple[Any, Any]:
+    """``(o5, lse)`` of the queries over a block's keys: ``o5`` normalized over the block,
+    ``lse`` the log of its softmax denominator; the keys walked in tiles of at most
+    ``KEY_BLOCK``, merged as they come (a Python loop: what an eager backend runs; the JAX
+    backend scans the same tiles)."""
+    acc = None
+    for keys in _key_slices(backend.shape(k)[1]):
+        new = tile_forward(backend, q5, k[:, keys], v[:, keys], _tile_mask(allowed, keys), scale)
+        acc = new if acc is None else merge(backend, acc, new)
+    assert acc is not None  # a block has at least one key
+    return acc
 
 
 def merge(backend: Backend[Any], acc: tuple[Any, Any], new: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -53,6 +80,28 @@ def merge(backend: Backend[Any], acc: tuple[Any, Any], new: tuple[Any, Any]) -> 
     base = finite(backend, lse)
     w_a, w_b = backend.exp(lse_a - base), backend.exp(lse_b - base)
     return o_a * w_a[..., None] + o_b * w_b[..., None], lse
+
+
+def tile_grads(
+    backend: Backend[Any],
+    q5: Any,
+    k: Any,
+    v: Any,
+    allowed: Any,
+    scale: float,
+    lse: Any,
+    do5: Any,
+    delta: Any,
+) -> tuple[Any, Any, Any]:
+    """``(dq5, dk, dv)``: one tile's terms of the gradients, from the final ``lse`` over all
+    keys, the output gradient ``do5 [B, sq, Hkv, G, Dv]`` and ``delta = sum(do5 * o5, -1)``
+    ``[B, sq, Hkv, G]`` (the softmax's backward: ``ds = p * (do . v - delta)``)."""
+    p = backend.exp(logits(backend, q5, k, allowed, scale) - finite(backend, lse)[..., None])
+    dv = backend.einsum("bqhgk,bqhge->bkhe", p, do5)
+    ds = p * (backend.einsum("bqhge,bkhe->bqhgk", do5, v) - delta[..., None])
+    dq5 = backend.einsum("bqhgk,bkhd->bqhgd", ds, k) * scale
+    dk = backend.einsum("bqhgk,bqhgd->bkhd", ds, q5) * scale
+    return dq5, dk, dv
 
 
 def block_grads(
@@ -66,14 +115,14 @@ def block_grads(
     do5: Any,
     delta: Any,
 ) -> tuple[Any, Any, Any]:
-    """``(dq5, dk, dv)``: this block's terms of the gradients, from the final ``lse`` over all
-    keys, the output gradient ``do5 [B, sq, Hkv, G, Dv]`` and ``delta = sum(do5 * o5, -1)``
-    ``[B, sq, Hkv, G]`` (the softmax's backward: ``ds = p * (do . v - delta)``)."""
-    s = logits(backend, q5, k, allowed, scale)
-    p = backend.exp(s - finite(backend, lse)[..., None])
-    dv = backend.einsum("bqhgk,bqhge->bkhe", p, do5)
-    dp = backend.einsum("bqhge,bkhe->bqhgk", do5, v)
-    ds = p * (dp - delta[..., None])
-    dq5 = backend.einsum("bqhgk,bkhd->bqhgd", ds, k) * scale
-    dk = backend.einsum("bqhgk,bqhgd->bkhd", ds, q5) * scale
-    return dq5, dk, dv
+    """``(dq5, dk, dv)``: a block's terms of the gradients (:func:`tile_grads` over its tiles
+    of at most ``KEY_BLOCK`` keys, a Python loop)."""
+    dq5, dks, dvs = None, [], []
+    for keys in _key_slices(backend.shape(k)[1]):
+        dq, dk, dv = tile_grads(
+            backend, q5, k[:, keys], v[:, keys], _tile_mask(allowed, keys), scale, lse, do5, delta
+        )
+        dq5 = dq if dq5 is None else dq5 + dq
+        dks.append(dk)
+        dvs.append(dv)
+    return dq5, backend.concat(dks, 1), backend.concat(dvs, 1)

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..backend import Backend
 from ..layouts import Layout, positions
-from .blocks import block_forward, block_grads, merge
+from .blocks import merge
 from .checks import AttentionShapes
 
 
@@ -267,7 +267,7 @@ def _attend(
 ) -> tuple[Any, Any]:
     """``acc`` (None before the first block) merged with query piece ``qi`` over key piece
     ``kj`` of the held block."""
-    new = block_forward(backend, q5, k, v, step.allowed(qi, kj), step.spec.scale)
+    new = backend.block_forward(q5, k, v, step.allowed(qi, kj), step.spec.scale)
     return new if acc is None else merge(backend, acc, new)
 
 
@@ -281,7 +281,7 @@ def _grads(
     sums: tuple[Any, Any, Any],
 ) -> tuple[Any, Any, Any]:
     """The running ``(dq piece, dk piece, dv piece)`` plus the pair's terms."""
-    gq, gk, gv = block_grads(backend, *pair, step.allowed(qi, kj), step.spec.scale, *saved)
+    gq, gk, gv = backend.block_grads(*pair, step.allowed(qi, kj), step.spec.scale, *saved)
     q_sum, k_sum, v_sum = sums
     return (gq if q_sum is None else q_sum + gq, k_sum + gk, v_sum + gv)
 
