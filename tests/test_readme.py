@@ -39,6 +39,15 @@ SETUPS = {
         "q, k, v = torch.randn(3, 1, 10, 4, 8, generator=torch.Generator().manual_seed(0))\n"
     ),
     "ranks": "ranks = [0, 1]\n",
+    "flax": (
+        "import os\n"
+        'os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"\n'
+        "import jax, jax.numpy as jnp\n"
+        "from flax import nnx\n"
+        "from examples.flax_nnx import inputs, tiny_model\n"
+        "mesh = jax.make_mesh((4,), ('sp',))\n"
+        "x, w = (jnp.asarray(a) for a in inputs(10))\n"
+    ),
     "plans": (
         "import os\n"
         'os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"\n'
