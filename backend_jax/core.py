@@ -180,6 +180,7 @@ class JaxBackend(Backend[AxisName]):
         lse: jax.Array,
         do5: jax.Array,
         delta: jax.Array,
+        o5: Any = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         return ring.block_grads(self, q5, k, v, allowed, scale, lse, do5, delta)
 

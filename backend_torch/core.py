@@ -57,6 +57,14 @@ def process_group(func: str, group: Any) -> dist.ProcessGroup:
 _TWO_AXES: dict[dist.ProcessGroup, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
 
+@torch.compiler.assume_constant_result
+def _row_major(mesh: DeviceMesh) -> bool:
+    """Whether the mesh lists its ranks in increasing row-major order (a constant of the mesh;
+    torch.compile reads it once, at trace time)."""
+    ranks = mesh.mesh.flatten().tolist()
+    return bool(ranks == sorted(ranks))
+
+
 def _mesh_group(func: str, mesh: DeviceMesh) -> dist.ProcessGroup:
     """The ProcessGroup of a 1-D ``mesh`` that holds this rank; for a 2-D mesh (ring dim
     first, for USP) the group of all its ranks in row-major order (rank = ring_index * U +
@@ -77,8 +85,7 @@ def _mesh_group(func: str, mesh: DeviceMesh) -> dist.ProcessGroup:
         )
     if mesh.ndim == 1:
         return mesh.get_group()
-    ranks = mesh.mesh.flatten().tolist()
-    if ranks != sorted(ranks):
+    if not _row_major(mesh):
         # A process group numbers its ranks in global order: only then are the flattened
         # group's ranks ring_index * U + ulysses_index, with each dim's group ranked alike.
         raise ValueError(
@@ -199,6 +206,30 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
         return axes
 
     ring_shift = staticmethod(collectives.ring_shift)
+
+    def block_forward(
+        self,
+        q5: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        allowed: torch.Tensor | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ring.block_forward(self, q5, k, v, allowed, scale)
+
+    def block_grads(
+        self,
+        q5: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        allowed: torch.Tensor | None,
+        scale: float,
+        lse: torch.Tensor,
+        do5: torch.Tensor,
+        delta: torch.Tensor,
+        o5: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ring.block_grads(self, q5, k, v, allowed, scale, lse, do5, delta, o5)
 
     def einsum(self, spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.einsum(spec, a, b)

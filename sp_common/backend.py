@@ -169,8 +169,10 @@ class Backend(Generic[GroupT]):
         lse: Any,
         do5: Any,
         delta: Any,
+        o5: Any = None,
     ) -> tuple[Any, Any, Any]:
-        """One ring block's ``(dq5, dk, dv)``: ``sp_common.attention.blocks.block_grads``."""
+        """One ring block's ``(dq5, dk, dv)``: ``sp_common.attention.blocks.block_grads``
+        (``o5``, the final output of these queries, for kernels that want it with ``lse``)."""
         from .attention.blocks import block_grads
 
         return block_grads(self, q5, k, v, allowed, scale, lse, do5, delta)

@@ -31,7 +31,6 @@ from sp_common.testing.mesh import mesh_of, sharded
 from . import gpu_tasks
 from .test_cross_backend import DIMS, DTYPES, check_against_reference, jax_results, scenarios
 from .test_gradients import finite_inputs
-from .test_ulysses import jax_ulysses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
@@ -65,6 +64,24 @@ def qkvw(seq_len: int, heads: int) -> tuple[np.ndarray, ...]:
     """Seeded finite q, k, v and loss weights of shape ``[B, seq_len, heads, D]``."""
     shape = (B, seq_len, heads, D)
     return tuple(ref.make_data(shape, "float32", 200 + i, specials=False) for i in range(4))
+
+
+def jax_ulysses(n: int, q: Any, k: Any, v: Any, w: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """sp_ulysses_attention on an n-device mesh of the default backend: shard with padding,
+    attend, gather; the output and the q, k, v gradients of ``sum(out * w)``."""
+    seq_len = q.shape[1]
+
+    def body(q, k, v, w):
+        shards = [sp.sp_shard_with_padding(t, 1) for t in (q, k, v)]
+        out = sp.sp_ulysses_attention(*(s for s, _ in shards), seq_len=seq_len)
+        out = sp.sp_gather(out, 1, pad_size=shards[0][1])
+        return out, (out * w).sum()
+
+    fn = sharded(body, n, (jax.P(),) * 4, (jax.P(), jax.P()))
+    with jax.set_mesh(mesh_of(n)):
+        out, _ = fn(q, k, v, w)
+        grads = jax.grad(lambda q, k, v: fn(q, k, v, w)[1], argnums=(0, 1, 2))(q, k, v)
+    return np.asarray(out), [np.asarray(g) for g in grads]
 
 
 @pytest.fixture(scope="module")

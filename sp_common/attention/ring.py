@@ -277,7 +277,7 @@ def _grads(
     qi: int,
     kj: int,
     pair: tuple[Any, Any, Any],
-    saved: tuple[Any, Any, Any],
+    saved: tuple[Any, Any, Any, Any],
     sums: tuple[Any, Any, Any],
 ) -> tuple[Any, Any, Any]:
     """The running ``(dq piece, dk piece, dv piece)`` plus the pair's terms."""
@@ -303,7 +303,7 @@ def ring_backward(
     q5, do5 = run.as5(q), run.as5(dout)
     delta = backend.einsum("bqhge,bqhge->bqhg", do5, o5)
     q_pieces, do_pieces = run.pieces(q5), run.pieces(do5)
-    lse_pieces, delta_pieces = run.pieces(lse), run.pieces(delta)
+    lse_pieces, delta_pieces, o_pieces = run.pieces(lse), run.pieces(delta), run.pieces(o5)
     parts = range(len(run.parts))
 
     def body(t: Any, carry: Any, send: bool) -> Any:
@@ -318,7 +318,7 @@ def ring_backward(
         for qi in parts:
             for kj in parts:
                 pair = (q_pieces[qi], k_pieces[kj], v_pieces[kj])
-                saved = (lse_pieces[qi], do_pieces[qi], delta_pieces[qi])
+                saved = (lse_pieces[qi], do_pieces[qi], delta_pieces[qi], o_pieces[qi])
                 add = partial(_grads, backend, step, qi, kj, pair, saved)
                 dq[qi], dk[kj], dv[kj] = backend.branch(
                     step.skip(qi, kj), _same, add, (dq[qi], dk[kj], dv[kj])
