@@ -53,7 +53,9 @@ def process_group(func: str, group: Any) -> dist.ProcessGroup:
     )
 
 
-# The (ring, ulysses) groups of each group a 2-D DeviceMesh resolved to.
+# The (ring, ulysses) groups of each group a 2-D DeviceMesh resolved to. A process group that a
+# 2-D mesh flattened to carries that mesh's axes from then on (when the mesh spans every rank
+# that may be the default group: strategy="usp" over the default group then uses them).
 _TWO_AXES: dict[dist.ProcessGroup, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
 

@@ -94,8 +94,9 @@ def device_mesh_groups(x: np.ndarray) -> dict[str, Any]:
 
 
 def device_mesh_errors(x: np.ndarray) -> dict[str, str]:
-    """A 2-D DeviceMesh (by argument, by block) and groups this rank is not a member of: a
-    ``new_group`` of rank 0 only, and a DeviceMesh of ranks 0 and 1."""
+    """A 2-D DeviceMesh (one group of its 4 ranks, row-major: by argument, by block), a 3-D
+    one (an error), and groups this rank is not a member of: a ``new_group`` of rank 0 only,
+    and a DeviceMesh of ranks 0 and 1."""
     mesh = _dp_sp_mesh()
     t = to_torch(x)
     only_rank_0 = dist.new_group([0])
@@ -108,9 +109,17 @@ def device_mesh_errors(x: np.ndarray) -> dict[str, str]:
 
         return enter
 
+    cube = DeviceMesh("cpu", [[[0, 1], [2, 3]]], mesh_dim_names=("a", "b", "c"))
+
+    def shard_in_block() -> list[float]:
+        with sp_group(mesh):
+            return sp_shard(t, 0).tolist()  # type: ignore[no-any-return]
+
     return {
-        "2d_arg": _error(lambda: sp_gather(t, 0, group=mesh)),
-        "2d_block": _error(in_block(mesh)),
+        "2d_gather": str(sp_gather(sp_shard(t, 0, group=mesh), 0, group=mesh).tolist()),
+        "2d_block": str(shard_in_block()),
+        "3d_arg": _error(lambda: sp_gather(t, 0, group=cube)),
+        "3d_block": _error(in_block(cube)),
         "not_member_arg": _error(lambda: sp_shard(t, 0, group=only_rank_0)),
         "not_member_block": _error(in_block(only_rank_0)),
         "not_member_size": _error(lambda: sp_world_size("torch", group=only_rank_0)),

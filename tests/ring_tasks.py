@@ -143,3 +143,20 @@ def tiled(cases: list[Any], key_block: int) -> list[dict[str, Any]]:
         return torch_attention(cases)
     finally:
         blocks.KEY_BLOCK = before
+
+
+def usp_over_one_axis() -> str:
+    """The error of strategy='usp' over a 1-D subgroup of 2 of the 4 ranks (no 2-D mesh ever
+    flattened to it)."""
+    import torch.distributed as dist
+
+    import sp_common as sp
+
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = pairs[dist.get_rank() // 2]
+    q = sp.sp_shard(to_torch(make_data((1, 8, 2, 4), "float32", 0, specials=False)), 1, group=group)
+    try:
+        sp.sp_attention(q, q, q, strategy="usp", group=group)
+    except ValueError as e:
+        return str(e)
+    return "no error"

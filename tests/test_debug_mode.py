@@ -262,8 +262,8 @@ MISMATCHES = [
         "rank 1 names an unknown strategy",
         "sp_attention",
         ((Q, Q, Q), (Q, Q, Q)),
-        ("strategy='ring'", ONLY_RANK_1),
-        ({}, {"strategy": "ring"}),
+        ("strategy='rings'", ONLY_RANK_1),
+        ({}, {"strategy": "rings"}),
     ),
     Mismatch(
         "rank 1's seq_len is out of range",

@@ -284,13 +284,16 @@ def test_a_1d_device_mesh_is_a_group_for_every_op_by_argument_and_by_block(torch
         assert r["plan_seen"] == (2, 4, 3)
 
 
-def test_a_2d_device_mesh_and_a_group_this_rank_is_not_in_are_clear_errors(torch_ranks) -> None:
+def test_device_mesh_errors_and_a_2d_mesh_as_one_group(torch_ranks) -> None:
     x = np.arange(8, dtype=np.float32)
     for rank, r in enumerate(torch_ranks(4).run(group_tasks.device_mesh_errors, x)):
-        for key, func in (("2d_arg", "sp_gather"), ("2d_block", "sp_group")):
-            assert r[key].startswith(f"TypeError: {func}: group is a 2-D DeviceMesh"), r[key]
-            assert "shape (2, 2) with dims ('dp', 'sp')" in r[key], r[key]
-            assert "two-axis groups come with USP" in r[key] and "mesh['sp']" in r[key], r[key]
+        # A 2-D mesh (USP's group) is one group of its 4 ranks in row-major order.
+        assert r["2d_gather"] == str(x.tolist()), r["2d_gather"]
+        assert r["2d_block"] == str(x[2 * rank : 2 * rank + 2].tolist()), r["2d_block"]
+        for key, func in (("3d_arg", "sp_gather"), ("3d_block", "sp_group")):
+            assert r[key].startswith(f"TypeError: {func}: group is a 3-D DeviceMesh"), r[key]
+            assert "shape (1, 2, 2) with dims ('a', 'b', 'c')" in r[key], r[key]
+            assert "or two (ring, ulysses) for USP" in r[key] and "mesh['c']" in r[key], r[key]
         for key, func in (
             ("not_member_arg", "sp_shard"),
             ("not_member_block", "sp_group"),

@@ -170,3 +170,9 @@ def test_jax_ring_temporaries_grow_linearly_with_the_sequence(monkeypatch) -> No
 
     small, large = temp_bytes(1024), temp_bytes(4096)
     assert large <= 5 * small, (small, large)
+
+
+def test_torch_usp_over_a_group_of_one_axis_raises_naming_the_fix(torch_ranks) -> None:
+    for message in torch_ranks(4).run(ring_tasks.usp_over_one_axis):
+        assert message.startswith("sp_attention: strategy='usp' needs a group of two axes")
+        assert "init_device_mesh" in message, message
