@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from examples.verdict import verdict, worst
 from sp_common.attention.api import Strategy
 from sp_common.testing import RankPool, to_numpy
 
@@ -152,20 +153,7 @@ def compare_on_rank(model_name: str, tokens: tuple[int, ...], strategy: Strategy
 def max_differences(runs: list[DiffusionRun]) -> dict[str, float]:
     """The largest ``|sharded - unsharded| / max(1, max|unsharded|)`` over ranks: of the output,
     and of any parameter gradient (a gradient only one side has counts as infinite)."""
-    worst = {"output": 0.0, "gradients": 0.0}
-    for run in runs:
-        if run.sharded.keys() != run.unsharded.keys():
-            worst["gradients"] = float("inf")
-        for key, want in run.unsharded.items():
-            got = run.sharded.get(key)
-            diff = (
-                float("inf")
-                if got is None
-                else float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
-            )
-            kind = "output" if key == "output" else "gradients"
-            worst[kind] = max(worst[kind], diff)
-    return worst
+    return worst([(run.sharded, run.unsharded) for run in runs], "output")
 
 
 def compare(
@@ -186,19 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with RankPool(args.world_size, call_timeout_s=CALL_TIMEOUT_S) as pool:
-        worst = compare(pool, strategy=args.strategy)
-    print(
+        differences = compare(pool, strategy=args.strategy)
+    title = (
         f"tiny Flux transformer, B={BATCH}, {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens, "
         f"{args.world_size} ranks, strategy={args.strategy}, sharded vs unsharded:"
     )
-    for kind, diff in worst.items():
-        print(f"  max |difference| of the {kind:9s} {diff:.3g} (tolerance {TOL:g})")
-    failed = [kind for kind, diff in worst.items() if not diff <= TOL]
-    if failed:
-        print(f"FAILED: {', '.join(failed)} beyond the tolerance", file=sys.stderr)
-        return 1
-    print("OK")
-    return 0
+    return verdict(title, differences, TOL)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from examples.verdict import relative
 from sp_common.attention.api import Strategy
 from sp_common.layouts import Layout
 
@@ -79,11 +80,6 @@ def inputs(seq: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     return x, w
 
 
-def _relative(got: Any, want: Any) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
-
-
 @functools.cache
 def unsharded(seq: int, causal: bool) -> tuple[np.ndarray, list[np.ndarray]]:
     """The tiny model with nnx's own attention (``nnx.make_causal_mask`` when ``causal``) on
@@ -134,8 +130,8 @@ def compare(
     want, want_grads = unsharded(seq, causal)
     grads = zip(jax.tree.leaves(got_grads), want_grads, strict=True)
     return {
-        "output": _relative(got, want),
-        "gradients": max(_relative(g, r) for g, r in grads),
+        "output": relative(got, want),
+        "gradients": max(relative(g, r) for g, r in grads),
     }
 
 

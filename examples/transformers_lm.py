@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from examples.verdict import verdict, worst
 from sp_common.attention.api import Strategy
 from sp_common.testing import RankPool, to_numpy
 
@@ -117,13 +118,7 @@ def compare_on_rank(
 def max_differences(runs: list[LMRun]) -> dict[str, float]:
     """The largest ``|sharded - unsharded| / max(1, max|unsharded|)`` over ranks: of the logits,
     and of any parameter gradient."""
-    worst = {"logits": 0.0, "gradients": 0.0}
-    for run in runs:
-        for key, want in run.unsharded.items():
-            diff = float(np.abs(run.sharded[key] - want).max() / max(1.0, np.abs(want).max()))
-            kind = "logits" if key == "logits" else "gradients"
-            worst[kind] = max(worst[kind], diff)
-    return worst
+    return worst([(run.sharded, run.unsharded) for run in runs], "logits")
 
 
 def compare(
@@ -151,20 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with RankPool(args.world_size, call_timeout_s=CALL_TIMEOUT_S) as pool:
-        worst = compare(pool, args.family, layout=args.layout, strategy=args.strategy)
-    print(
+        differences = compare(pool, args.family, layout=args.layout, strategy=args.strategy)
+    title = (
         f"tiny {args.family} causal LM, B={BATCH} S={SEQ} (row 1 right-padded), "
         f"{args.world_size} ranks, layout={args.layout}, strategy={args.strategy}, sharded vs "
         "unsharded (sdpa):"
     )
-    for kind, diff in worst.items():
-        print(f"  max |difference| of the {kind:9s} {diff:.3g} (tolerance {TOL:g})")
-    failed = [kind for kind, diff in worst.items() if not diff <= TOL]
-    if failed:
-        print(f"FAILED: {', '.join(failed)} beyond the tolerance", file=sys.stderr)
-        return 1
-    print("OK")
-    return 0
+    return verdict(title, differences, TOL)
 
 
 if __name__ == "__main__":
