@@ -7,7 +7,8 @@ merges the block's ``(o, lse)`` into its running result (``blocks.merge``). The 
 explicit (``ring_backward``): the keys and values go around again, and each block's key/value
 gradient travels with it and arrives home after N steps. Nothing the size of the whole sequence
 is ever held: a rank keeps its own q, k, v, its output and ``lse`` for the backward (O(S/N)),
-and one ``[s, s]`` tile of logits at a time.
+and the logits of one (query half, ``KEY_BLOCK`` keys) tile at a time (``blocks``; torch runs its
+fused CPU flash kernel per block where it applies, JAX scans the tiles).
 
 Causal attention: each shard is cut into two halves, chunks of the 2N-chunk sequence (the
 contiguous layout: chunks 2r, 2r+1; zigzag: r, 2N-1-r). A (query half, key half) pair whose key
