@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	# jax[cpu] pins the CPU jaxlib (the package extra stays plain jax for GPU users).
 	$(PY) -m pip install -q torch==2.13.0 "jax[cpu]>=0.10"
 	$(PY) -m pip install -q transformers==5.24.0 diffusers==0.42.1
-	$(PY) -m pip install -q flax==0.12.8
-	$(PY) -m pip install -q -e ".[torch,jax,testing,compare,examples,integrations-transformers,integrations-diffusers,integrations-flax,test,dev]"
+	$(PY) -m pip install -q flax==0.12.8 keras==3.15.1
+	$(PY) -m pip install -q -e ".[torch,jax,testing,compare,examples,integrations-transformers,integrations-diffusers,integrations-flax,integrations-keras,test,dev]"
 	touch $(STAMP)
 
 test: $(STAMP)

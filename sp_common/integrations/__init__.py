@@ -9,6 +9,12 @@ imports no framework and no model library:
 - :mod:`sp_common.integrations.diffusers`: attention processors (Flux's joint text + image
   attention included) and plans for ``FluxTransformer2DModel`` and ``DiTTransformer2DModel``
   (extra ``integrations-diffusers``).
+- :mod:`sp_common.integrations.flax`: an ``attention_fn`` for ``nnx.MultiHeadAttention`` and a
+  plan for nnx models through ``nnx.split`` / ``nnx.merge`` (extra ``integrations-flax``).
+- :mod:`sp_common.integrations.keras`: ``SPMultiHeadAttention`` and the ``SPShard`` /
+  ``SPGather`` layers for Keras 3 on the torch and the jax backend, ``sync_gradients`` for
+  ``model.fit`` on torch and ``jax_forward`` for ``shard_map`` on JAX (extra
+  ``integrations-keras``).
 """
 
 from __future__ import annotations

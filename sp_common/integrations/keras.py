@@ -1,0 +1,589 @@
+"""Keras 3 (``KERAS_BACKEND=torch`` or ``jax``): multi-head attention over a sequence sharded
+across the SP ranks, and the layers that shard and gather the sequence inside a Keras model.
+
+One model definition runs on both backends::
+
+    import sp_common.integrations.keras as sp_keras
+
+    x = keras.Input((None, 16))
+    h = sp_keras.SPShard()(x)                                    # [B, S, F] -> [B, s, F]
+    a = sp_keras.SPMultiHeadAttention(num_heads=2, key_dim=8)(h, h, use_causal_mask=True)
+    h = keras.layers.LayerNormalization()(h + a)
+    y = sp_keras.SPGather()(h)                                   # [B, s, F] -> [B, S, F]
+    model = keras.Model(x, keras.layers.Dense(4)(y))
+
+- **torch** (one process per SP rank, ``torchrun`` or ``init_process_group``): every rank is
+  given the same batch; ``model(x)`` is the unsharded model's output on every rank. For
+  training, call ``sync_gradients(model)`` once after building the model: the gradients are
+  then averaged over the SP ranks during ``backward()``, so ``model.fit`` (or any loop) gives
+  every rank the unsharded model's gradients and the weights never diverge.
+- **JAX** (one process, a device mesh): run the model inside ``jax.shard_map`` through
+  ``jax_forward(model, mesh)``, a pure ``(trainable, non_trainable, x) -> y`` of
+  ``model.stateless_call``; ``jax.grad`` of it is the unsharded model's gradient (``shard_map``
+  sums the devices' terms). ``model.fit`` and ``model(x)`` bind no mesh axis: there the SP
+  layers raise instead of silently running unsharded.
+
+The real length of a sequence that the SP world size does not divide is recorded by
+:class:`SPShard` (which pads) and read by :class:`SPMultiHeadAttention` (padded keys never take
+part) and :class:`SPGather` (which drops the padding); a sequence sharded by hand passes its
+real length per call, ``attention(h, h, seq_len=S)``.
+
+Gradients on torch follow one convention: every replicated tensor's cotangent is the whole
+gradient on every rank, and every sharded tensor's is ``N`` times its rank's part
+(:class:`SPGather` scales the cotangent of its shard by ``N``, :class:`SPShard` divides the
+gathered one by ``N``). Parameters used on the replicated side then hold the whole gradient and
+those used on the sharded side ``N`` times their rank's term, so the mean over the ranks
+(:func:`sync_gradients`) is the unsharded gradient for both. On JAX, ``shard_map`` does this
+itself and the layers use the plain rules.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import keras  # type: ignore[import-untyped]
+except ImportError as e:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "sp_common.integrations.keras needs Keras 3 with the torch or jax backend; install it "
+        "with pip install 'sp-sharding[integrations-keras]' (and torch or jax)."
+    ) from e
+
+from ..api import sp_gather, sp_shard_with_padding, sp_world_size
+from ..attention import sp_attention
+from ..attention.api import Strategy
+from ..layouts import Layout, check_layout
+from ..plan import PlanError
+from ..strict import sp_strict
+
+BACKEND: str = keras.backend.backend()
+if BACKEND not in ("torch", "jax"):
+    raise ImportError(
+        f"sp_common.integrations.keras: Keras runs on the {BACKEND!r} backend; sequence "
+        "parallelism runs on torch or jax: set KERAS_BACKEND=torch or KERAS_BACKEND=jax before "
+        "keras is first imported."
+    )
+
+__all__ = [
+    "BACKEND",
+    "SEQUENCE",
+    "SPGather",
+    "SPMultiHeadAttention",
+    "SPShard",
+    "jax_forward",
+    "sync_gradients",
+]
+
+# The default name of the sequence that SPShard records and the other layers read.
+SEQUENCE = "sequence"
+_PACKAGE = "sp_common"
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    """What :class:`SPShard` recorded of one sequence in the running forward pass."""
+
+    length: int  # the real length S
+    pad: int  # padding added at the end, so that N divides S + pad
+    local: int  # this rank's tokens, (S + pad) / N
+    layout: Layout
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.sharded: dict[str, _Sharded] = {}
+        self.shards_run = 0  # SPShard calls on torch with gradients on (sync_gradients checks)
+
+
+_STATE = _State()
+
+
+def _bound_error(layer: str, error: ValueError) -> ValueError:
+    return ValueError(
+        f"{layer} (sp_common.integrations.keras): {error} On JAX run the model inside "
+        "jax.shard_map, e.g. sp_common.integrations.keras.jax_forward(model, mesh): model.fit "
+        "and model(x) bind no mesh axis. On torch call dist.init_process_group first. "
+        "strict=False runs the layer unsharded at world size 1."
+    )
+
+
+def _axis(layer: str, axis: int, ndim: int) -> int:
+    """``axis`` as a positive dimension of an ``ndim``-d input; the batch dimension 0 and the
+    feature dimension ``ndim - 1`` are not sequence dimensions."""
+    positive = axis + ndim if axis < 0 else axis
+    if not 1 <= positive <= ndim - 2:
+        raise ValueError(
+            f"{layer}: axis={axis} for a {ndim}-d input; the sequence axis lies between the "
+            f"batch axis 0 and the feature axis {ndim - 1} (axis=1 for [batch, seq, features])."
+        )
+    return positive
+
+
+def _scale_grad(x: Any, multiply: int, divide: int) -> Any:
+    """torch: ``x`` itself, whose cotangent is multiplied by ``multiply / divide``."""
+    if multiply == divide or not getattr(x, "requires_grad", False):
+        return x
+    return _torch_scale().apply(x, multiply, divide)
+
+
+_SCALE: Any = None
+
+
+def _torch_scale() -> Any:
+    """The autograd function of :func:`_scale_grad` (built on first use: torch only)."""
+    global _SCALE
+    if _SCALE is None:
+        import torch
+
+        class _ScaleGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(x: torch.Tensor, multiply: int, divide: int) -> torch.Tensor:
+                return x.view_as(x)
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+                ctx.multiply, ctx.divide = inputs[1], inputs[2]
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None]:
+                if ctx.multiply != 1:
+                    grad = grad * ctx.multiply
+                if ctx.divide != 1:
+                    grad = grad / ctx.divide
+                return grad, None, None
+
+        _SCALE = _ScaleGrad
+    return _SCALE
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SPShard(keras.layers.Layer):
+    """This rank's shard of the sequence: ``[B, S, ...] -> [B, ceil(S / N), ...]`` along
+    ``axis``, padded at the end where N does not divide S (the real length is recorded under
+    ``sequence`` for the attention and :class:`SPGather`). Every rank passes the same full
+    input. A Keras mask of the input (``Embedding(mask_zero=True)``) is sharded with it
+    (padding masked out).
+
+    Args:
+        axis: the sequence axis (default 1: ``[batch, seq, features]``).
+        layout: ``"contiguous"`` or ``"zigzag"`` (``sp_common.layouts``; zigzag balances causal
+            attention); the attention and :class:`SPGather` read it from the record.
+        sequence: the name of the record (two sequences sharded at once need two names).
+        strict: raise where no SP group is bound (JAX outside ``shard_map``, torch without a
+            process group) instead of running at world size 1.
+
+    Raises (when called): ``ValueError`` where no group is bound and ``strict``, or for an
+    ``axis`` that is the batch or the feature axis.
+    """
+
+    def __init__(
+        self,
+        axis: int = 1,
+        *,
+        layout: Layout = "contiguous",
+        sequence: str = SEQUENCE,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.axis, self.layout = axis, check_layout("SPShard", layout)
+        self.sequence, self.strict = sequence, strict
+        self.supports_masking = True
+
+    def call(self, inputs: Any) -> Any:
+        dim = _axis("SPShard", self.axis, len(inputs.shape))
+        try:
+            with sp_strict(self.strict):
+                n = sp_world_size(inputs)
+        except ValueError as e:
+            raise _bound_error("SPShard", e) from None
+        out, pad = sp_shard_with_padding(_scale_grad(inputs, 1, n), dim, layout=self.layout)
+        length = int(inputs.shape[dim])
+        _STATE.sharded[self.sequence] = _Sharded(length, pad, (length + pad) // n, self.layout)
+        if _grad_on():
+            _STATE.shards_run += 1
+        return out
+
+    def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
+        if previous_mask is None:
+            return None
+        dim = _axis("SPShard", self.axis, len(inputs.shape))
+        if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
+            return _symbolic(previous_mask, dim)
+        out, _ = sp_shard_with_padding(previous_mask, dim, False, layout=self.layout)
+        return out
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        dim = _axis("SPShard", self.axis, len(input_shape))
+        return tuple(None if i == dim else d for i, d in enumerate(input_shape))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(axis=self.axis, layout=self.layout, sequence=self.sequence)
+        return config | {"strict": self.strict}
+
+
+def _symbolic(mask: Any, dim: int) -> Any:
+    """The symbolic mask of a functional model's shard or gathered sequence: ``mask``'s shape
+    with the sequence length unknown (it depends on the world size)."""
+    shape = tuple(None if i == dim else d for i, d in enumerate(mask.shape))
+    return keras.KerasTensor(shape, dtype=mask.dtype)
+
+
+def _grad_on() -> bool:
+    if BACKEND != "torch":
+        return False
+    import torch
+
+    return torch.is_grad_enabled()
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SPGather(keras.layers.Layer):
+    """The whole sequence again: ``[B, s, ...] -> [B, S, ...]`` along ``axis``, the shards of
+    every rank concatenated and :class:`SPShard`'s padding (the record ``sequence``) dropped;
+    the same on every rank. A Keras mask is gathered with it.
+
+    Args:
+        axis, sequence, strict: as :class:`SPShard`'s.
+
+    Raises (when called): ``PlanError`` when no :class:`SPShard` recorded ``sequence`` in this
+    forward pass, or the shard has another length than the one it recorded.
+    """
+
+    def __init__(
+        self, axis: int = 1, *, sequence: str = SEQUENCE, strict: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.axis, self.sequence, self.strict = axis, sequence, strict
+        self.supports_masking = True
+        self._record: _Sharded | None = None
+
+    def _sharded(self, inputs: Any) -> tuple[int, _Sharded]:
+        dim = _axis("SPGather", self.axis, len(inputs.shape))
+        record = _STATE.sharded.get(self.sequence)
+        if record is None:
+            raise PlanError(
+                f"SPGather: no SPShard(sequence={self.sequence!r}) ran before it in this forward "
+                "pass, so the padding to drop is unknown; shard the sequence with SPShard, or "
+                "gather a sequence sharded by hand with sp_common.sp_gather(x, dim, pad_size=...)."
+            )
+        if int(inputs.shape[dim]) != record.local:
+            raise PlanError(
+                f"SPGather: the input has {inputs.shape[dim]} tokens on axis {self.axis}, but "
+                f"SPShard(sequence={self.sequence!r}) gave this rank {record.local}; gather the "
+                "sequence that SPShard sharded (give other sequences their own name)."
+            )
+        return dim, record
+
+    def call(self, inputs: Any) -> Any:
+        dim, record = self._sharded(inputs)
+        try:
+            with sp_strict(self.strict):
+                n = sp_world_size(inputs)
+        except ValueError as e:
+            raise _bound_error("SPGather", e) from None
+        out = sp_gather(_scale_grad(inputs, n, 1), dim, pad_size=record.pad, layout=record.layout)
+        del _STATE.sharded[self.sequence]
+        self._record = record
+        return out
+
+    def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
+        if previous_mask is None:
+            return None
+        dim = _axis("SPGather", self.axis, len(inputs.shape))
+        if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
+            return _symbolic(previous_mask, dim)
+        record = self._record
+        if record is None:
+            raise PlanError("SPGather.compute_mask runs only after the layer's call().")
+        return sp_gather(previous_mask, dim, pad_size=record.pad, layout=record.layout)
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        dim = _axis("SPGather", self.axis, len(input_shape))
+        return tuple(None if i == dim else d for i, d in enumerate(input_shape))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(axis=self.axis, sequence=self.sequence, strict=self.strict)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """``keras.layers.MultiHeadAttention`` over this rank's shard of a sequence sharded across
+    the SP ranks (``sp_attention``): the unsharded layer's output at this rank's positions, and
+    its gradients. The projections and their weights are Keras's own, so weights load from and
+    into a plain ``MultiHeadAttention``.
+
+    Shapes (``s`` = this rank's tokens; ``query`` and ``value``/``key`` are the same sharded
+    sequence, self-attention)::
+
+        query [B, s, F], value [B, s, Fv], key [B, s, Fk] -> [B, s, output_shape or F]
+
+    Args:
+        num_heads, key_dim, **kwargs: as ``MultiHeadAttention``'s (``value_dim``, ``use_bias``,
+            ``output_shape``, initializers, ...).
+        strategy: as ``sp_attention``'s (they differ only in cost).
+        layout: ``None``: the layout :class:`SPShard` recorded, else ``"contiguous"``.
+        sequence: the name of :class:`SPShard`'s record to read the real length from.
+        strict: raise where no SP group is bound (as :class:`SPShard`'s).
+
+    Call as ``MultiHeadAttention`` (``use_causal_mask=True`` is causal over the global
+    positions), plus ``seq_len``: the real length of a sequence sharded by hand with padding
+    (default: :class:`SPShard`'s record, else nothing padded). ``value_mask``/``key_mask`` (and a
+    Keras mask of ``value``) are this rank's key padding masks ``[B, s]``; a query mask (a Keras
+    mask of ``query``) is passed on to the output as Keras does, and a masked query's output is
+    attention over the valid keys (Keras's own output there is not defined: uniform weights on
+    JAX, NaN with torch's SDPA).
+
+    Raises:
+        ValueError: ``dropout > 0``, a ``sliding_window``, ``attention_axes`` other than the
+            sequence axis (at construction); an ``attention_mask`` (a mask over pairs of a shard
+            is over local positions; say causal with ``use_causal_mask``, padding with
+            ``value_mask``), ``return_attention_scores=True`` (the ``[S, S]`` scores are never
+            materialized), 4-d inputs, no SP group bound with ``strict`` (when called).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        *,
+        strategy: Strategy = "ulysses",
+        layout: Layout | None = None,
+        sequence: str = SEQUENCE,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_heads, key_dim, **kwargs)
+        func = "SPMultiHeadAttention"
+        if layout is not None:
+            check_layout(func, layout)
+        if self._dropout > 0.0:
+            raise ValueError(
+                f"{func}: dropout={self._dropout}: attention dropout is not implemented by "
+                "sequence-parallel attention; pass dropout=0.0 (dropout after the attention "
+                "layer works)."
+            )
+        if getattr(self, "_sliding_window", None) is not None:
+            raise ValueError(
+                f"{func}: sliding_window={self._sliding_window}: windowed attention is not "
+                "implemented by sequence-parallel attention; leave sliding_window=None."
+            )
+        axes = self._attention_axes
+        if axes is not None and tuple(axes) not in ((1,), (-2,)):
+            raise ValueError(
+                f"{func}: attention_axes={axes}: only the sequence axis 1 of [batch, seq, "
+                "features] inputs is sharded; leave attention_axes=None."
+            )
+        self.strategy, self.layout, self.sequence, self.strict = strategy, layout, sequence, strict
+        self._sp_call: dict[str, Any] | None = None
+
+    def call(  # type: ignore[override]
+        self,
+        query: Any,
+        value: Any,
+        key: Any = None,
+        query_mask: Any = None,
+        value_mask: Any = None,
+        key_mask: Any = None,
+        attention_mask: Any = None,
+        return_attention_scores: bool = False,
+        training: Any = None,
+        use_causal_mask: bool = False,
+        seq_len: int | None = None,
+    ) -> Any:
+        func = "SPMultiHeadAttention"
+        if attention_mask is not None:
+            raise ValueError(
+                f"{func}: attention_mask of shape {tuple(attention_mask.shape)}: a mask over "
+                "(query, key) pairs of a shard is over local positions, not global ones; say "
+                "causal with use_causal_mask=True and key padding with value_mask [B, s] (or a "
+                "Keras mask), or run the layer unsharded."
+            )
+        if return_attention_scores:
+            raise ValueError(
+                f"{func}: return_attention_scores=True: the [S, S] attention scores are never "
+                "materialized under sequence parallelism; call it without."
+            )
+        if len(query.shape) != 3:
+            raise ValueError(
+                f"{func}: query of shape {tuple(query.shape)}; expected [batch, seq, features] "
+                "(fold extra batch dimensions into one)."
+            )
+        record = _STATE.sharded.get(self.sequence)
+        if record is not None and record.local != int(query.shape[1]):
+            record = None  # another sequence than SPShard's: nothing recorded for it
+        masks = [m for m in (value_mask, key_mask) if m is not None]
+        keys = None
+        if masks:
+            keys = keras.ops.cast(masks[0], "bool")
+            for m in masks[1:]:
+                keys = keras.ops.logical_and(keys, keras.ops.cast(m, "bool"))
+        self._sp_call = {
+            "causal": bool(use_causal_mask),
+            "seq_len": seq_len if seq_len is not None else (record and record.length),
+            "key_mask": keys,
+            "layout": self.layout or (record.layout if record else "contiguous"),
+        }
+        try:
+            return super().call(query, value, key, training=training)
+        finally:
+            self._sp_call = None
+
+    def _compute_attention(
+        self,
+        query: Any,
+        key: Any,
+        value: Any,
+        attention_mask: Any = None,
+        training: Any = None,
+        return_attention_scores: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, None]:
+        # attention_mask is Keras's [B, T, 1] from the query mask only (call() refuses the rest):
+        # it changes only masked queries' rows, which sp_attention leaves as attention over the
+        # valid keys.
+        options = self._sp_call
+        if options is None:
+            raise RuntimeError(
+                "SPMultiHeadAttention._compute_attention runs only from the layer's call()."
+            )
+        try:
+            with sp_strict(self.strict):
+                out = sp_attention(
+                    query,
+                    key,
+                    value,
+                    strategy=self.strategy,
+                    causal=options["causal"],
+                    seq_len=options["seq_len"],
+                    key_mask=options["key_mask"],
+                    scale=float(self._inverse_sqrt_key_dim),
+                    layout=options["layout"],
+                )
+        except ValueError as e:
+            if "strict mode is on" in str(e):
+                raise _bound_error("SPMultiHeadAttention", e) from None
+            raise
+        return out, None
+
+    def compute_output_spec(self, query: Any, value: Any, key: Any = None, **kwargs: Any) -> Any:
+        kwargs.pop("seq_len", None)
+        return super().compute_output_spec(query, value, key, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(strategy=self.strategy, layout=self.layout, sequence=self.sequence)
+        return config | {"strict": self.strict}
+
+
+class GradientSync:
+    """The hooks :func:`sync_gradients` put on a model's trainable weights; ``remove()`` takes
+    them off."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def sync_gradients(model: Any, *, group: Any = None) -> GradientSync:
+    """torch: average every trainable weight's gradient over the SP group during
+    ``backward()`` (a hook per weight, after its gradient is accumulated), so ``model.fit``, or
+    any loop that runs ``backward()`` and an optimizer, gives every rank the unsharded model's
+    gradient and the same weights. Call it once per model, before training.
+
+    Shapes: each gradient keeps its weight's shape; it becomes the mean of the ranks' values.
+
+    Raises:
+        TypeError: on the JAX backend (``jax.grad`` through :func:`jax_forward` is already the
+            unsharded gradient: ``shard_map`` sums the devices' terms).
+        PlanError: from ``backward()``, when no :class:`SPShard` ran in a forward pass with
+            gradients since the previous backward (a sequence sharded by hand follows the plain
+            rules of ``sp_shard``/``sp_gather``, whose gradient terms the mean does not sum).
+    """
+    if BACKEND != "torch":
+        raise TypeError(
+            "sync_gradients: Keras runs on the jax backend, where jax.grad through "
+            "jax_forward(model, mesh) is already the unsharded gradient (shard_map sums the "
+            "devices' terms); no sync is needed."
+        )
+    import torch
+    import torch.distributed as dist
+
+    from ..api import resolve
+
+    weights = [v.value for v in model.trainable_variables]
+    if not weights:
+        raise ValueError(
+            f"sync_gradients: {type(model).__name__} has no trainable weights yet; build the "
+            "model (call it once, or keras.Model(inputs, outputs)) before syncing."
+        )
+    state = {"task": None, "shards": _STATE.shards_run}
+
+    def hook(weight: torch.Tensor) -> None:
+        resolved = resolve("sync_gradients", weight, group)
+        task = torch._C._current_graph_task_id()
+        if task != state["task"]:
+            if _STATE.shards_run == state["shards"]:
+                raise PlanError(
+                    "sync_gradients: no SPShard layer ran in a forward pass since the last "
+                    "backward, so these gradients do not follow the convention that averaging "
+                    "makes whole; shard the sequence with sp_common.integrations.keras.SPShard "
+                    "(and gather it with SPGather), or sum the gradient terms yourself."
+                )
+            state["task"], state["shards"] = task, _STATE.shards_run
+        if resolved.world_size > 1 and weight.grad is not None:
+            dist.all_reduce(weight.grad, group=resolved.group)
+            weight.grad.div_(resolved.world_size)
+
+    handles = [w.register_post_accumulate_grad_hook(hook) for w in weights]
+    return GradientSync(handles)
+
+
+def jax_forward(
+    model: Any, mesh: Any, *, training: bool = False
+) -> Callable[[Sequence[Any], Sequence[Any], Any], Any]:
+    """JAX: ``forward(trainable, non_trainable, x) -> y``, ``model.stateless_call`` inside
+    ``jax.shard_map`` over ``mesh``, everything replicated in and out (the model shards and
+    gathers with :class:`SPShard` / :class:`SPGather`).
+
+    Shapes: ``x`` is the model's full input (``[B, S, F]``, the same on every device), ``y`` its
+    full output, replicated. ``trainable`` and ``non_trainable`` are lists of arrays in the order
+    of ``model.trainable_variables`` and ``model.non_trainable_variables`` (``[v.value for v in
+    ...]``). ``jax.grad`` with respect to ``trainable`` is the unsharded model's gradient. Wrap
+    it in ``jax.jit``.
+
+    Raises (from ``forward``): ``PlanError`` when the model updates a non-trainable weight
+    (batch statistics, a seed state): the pure forward pass would drop the update.
+    """
+    if BACKEND != "jax":
+        raise TypeError(
+            "jax_forward: Keras runs on the torch backend; there every rank runs the model "
+            "itself (torchrun), with sync_gradients(model) for training."
+        )
+    import jax
+    from jax.sharding import PartitionSpec
+
+    def body(trainable: Sequence[Any], non_trainable: Sequence[Any], x: Any) -> Any:
+        y, after = model.stateless_call(list(trainable), list(non_trainable), x, training=training)
+        if any(a is not b for a, b in zip(non_trainable, after, strict=True)):
+            raise PlanError(
+                "jax_forward: the model updated a non-trainable weight (batch statistics, a "
+                "seed state) in the forward pass, which the pure forward pass would drop; run "
+                "it with training=False, or without such layers."
+            )
+        return y
+
+    replicated = PartitionSpec()
+    return jax.shard_map(  # type: ignore[no-any-return]
+        body, mesh=mesh, in_specs=(replicated, replicated, replicated), out_specs=replicated
+    )
