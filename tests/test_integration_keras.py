@@ -195,3 +195,18 @@ def test_a_backend_other_than_torch_or_jax_names_the_ones_that_work() -> None:
     )
     assert out.returncode != 0
     assert "set KERAS_BACKEND=torch or KERAS_BACKEND=jax" in out.stderr
+
+
+def test_jax_forward_raises_where_the_model_updates_its_state() -> None:
+    x = keras.Input((None, 4))
+    h = keras.layers.BatchNormalization()(sp_keras.SPShard()(x))
+    model = keras.Model(x, sp_keras.SPGather()(h))
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+    mesh = mesh_of(2)
+    data = np.ones((2, 6, 4), np.float32)
+    with jax.set_mesh(mesh):
+        same = jax.jit(sp_keras.jax_forward(model, mesh))(trainable, fixed, data)
+        assert same.shape == (2, 6, 4)  # inference: the running statistics are only read
+        with pytest.raises(sp.PlanError, match="updated a non-trainable weight"):
+            jax.jit(sp_keras.jax_forward(model, mesh, training=True))(trainable, fixed, data)

@@ -48,6 +48,13 @@ SETUPS = {
         "mesh = jax.make_mesh((4,), ('sp',))\n"
         "x, w = (jnp.asarray(a) for a in inputs(10))\n"
     ),
+    "keras-jax": (
+        "import os\n"
+        'os.environ["KERAS_BACKEND"] = "jax"\n'
+        'os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"\n'
+        "import jax, numpy as np\n"
+        "from examples.keras_model import inputs, tiny_model\n"
+    ),
     "plans": (
         "import os\n"
         'os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"\n'
@@ -119,7 +126,8 @@ def test_the_readme_snippet_runs_as_written(snippet: Snippet, run: str, tmp_path
         command += [f"--nproc_per_node={launcher[1]}", str(script)]
     else:
         command = [sys.executable, str(script)]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # A fresh interpreter, as a user's: not this process's JAX devices or Keras backend.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KERAS_BACKEND")}
     env["PYTHONPATH"] = str(ROOT)
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(

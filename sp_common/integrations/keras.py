@@ -337,8 +337,8 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
     (default: :class:`SPShard`'s record, else nothing padded). ``value_mask``/``key_mask`` (and a
     Keras mask of ``value``) are this rank's key padding masks ``[B, s]``; a query mask (a Keras
     mask of ``query``) is passed on to the output as Keras does, and a masked query's output is
-    attention over the valid keys (Keras's own output there is not defined: uniform weights on
-    JAX, NaN with torch's SDPA).
+    attention over the valid keys (Keras masks that row downstream; its own layer computes it
+    with every key masked).
 
     Raises:
         ValueError: ``dropout > 0``, a ``sliding_window``, ``attention_axes`` other than the
