@@ -159,8 +159,42 @@ def _torch_scale() -> Any:
     return _SCALE
 
 
+class _SequenceLayer(keras.layers.Layer):
+    """What :class:`SPShard` and :class:`SPGather` share: the sequence axis, the record's name,
+    strict mode, the world size, and a shape and mask whose sequence length is unknown while a
+    functional model is built (it depends on the world size)."""
+
+    def __init__(self, axis: int, sequence: str, strict: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.axis, self.sequence, self.strict = axis, sequence, strict
+        self.supports_masking = True
+
+    def _dim(self, ndim: int) -> int:
+        return _axis(type(self).__name__, self.axis, ndim)
+
+    def _world_size(self, inputs: Any) -> int:
+        try:
+            with sp_strict(self.strict):
+                return sp_world_size(inputs)
+        except ValueError as e:
+            raise _bound_error(type(self).__name__, e) from None
+
+    def _symbolic_mask(self, mask: Any) -> Any:
+        shape = self.compute_output_shape((*mask.shape, 1))[:-1]
+        return keras.KerasTensor(shape, dtype=mask.dtype)
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        dim = self._dim(len(input_shape))
+        return tuple(None if i == dim else d for i, d in enumerate(input_shape))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(axis=self.axis, sequence=self.sequence, strict=self.strict)
+        return config
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class SPShard(keras.layers.Layer):
+class SPShard(_SequenceLayer):
     """This rank's shard of the sequence: ``[B, S, ...] -> [B, ceil(S / N), ...]`` along
     ``axis``, padded at the end where N does not divide S (the real length is recorded under
     ``sequence`` for the attention and :class:`SPGather`). Every rank passes the same full
@@ -188,18 +222,12 @@ class SPShard(keras.layers.Layer):
         strict: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.axis, self.layout = axis, check_layout("SPShard", layout)
-        self.sequence, self.strict = sequence, strict
-        self.supports_masking = True
+        super().__init__(axis, sequence, strict, **kwargs)
+        self.layout = check_layout("SPShard", layout)
 
     def call(self, inputs: Any) -> Any:
-        dim = _axis("SPShard", self.axis, len(inputs.shape))
-        try:
-            with sp_strict(self.strict):
-                n = sp_world_size(inputs)
-        except ValueError as e:
-            raise _bound_error("SPShard", e) from None
+        dim = self._dim(len(inputs.shape))
+        n = self._world_size(inputs)
         out, pad = sp_shard_with_padding(_scale_grad(inputs, 1, n), dim, layout=self.layout)
         length = int(inputs.shape[dim])
         _STATE.sharded[self.sequence] = _Sharded(length, pad, (length + pad) // n, self.layout)
@@ -210,27 +238,13 @@ class SPShard(keras.layers.Layer):
     def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
         if previous_mask is None:
             return None
-        dim = _axis("SPShard", self.axis, len(inputs.shape))
         if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
-            return _symbolic(previous_mask, dim)
-        out, _ = sp_shard_with_padding(previous_mask, dim, False, layout=self.layout)
-        return out
-
-    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
-        dim = _axis("SPShard", self.axis, len(input_shape))
-        return tuple(None if i == dim else d for i, d in enumerate(input_shape))
+            return self._symbolic_mask(previous_mask)
+        dim = self._dim(len(inputs.shape))
+        return sp_shard_with_padding(previous_mask, dim, False, layout=self.layout)[0]
 
     def get_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = super().get_config()
-        config.update(axis=self.axis, layout=self.layout, sequence=self.sequence)
-        return config | {"strict": self.strict}
-
-
-def _symbolic(mask: Any, dim: int) -> Any:
-    """The symbolic mask of a functional model's shard or gathered sequence: ``mask``'s shape
-    with the sequence length unknown (it depends on the world size)."""
-    shape = tuple(None if i == dim else d for i, d in enumerate(mask.shape))
-    return keras.KerasTensor(shape, dtype=mask.dtype)
+        return super().get_config() | {"layout": self.layout}
 
 
 def _grad_on() -> bool:
@@ -242,10 +256,12 @@ def _grad_on() -> bool:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class SPGather(keras.layers.Layer):
+class SPGather(_SequenceLayer):
     """The whole sequence again: ``[B, s, ...] -> [B, S, ...]`` along ``axis``, the shards of
     every rank concatenated and :class:`SPShard`'s padding (the record ``sequence``) dropped;
-    the same on every rank. A Keras mask is gathered with it.
+    the same on every rank. A Keras mask is gathered with it. One ``SPGather`` per
+    ``SPShard``: it closes the record (concatenate what else you gather from that sequence
+    first).
 
     Args:
         axis, sequence, strict: as :class:`SPShard`'s.
@@ -257,13 +273,11 @@ class SPGather(keras.layers.Layer):
     def __init__(
         self, axis: int = 1, *, sequence: str = SEQUENCE, strict: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        self.axis, self.sequence, self.strict = axis, sequence, strict
-        self.supports_masking = True
+        super().__init__(axis, sequence, strict, **kwargs)
         self._record: _Sharded | None = None
 
     def _sharded(self, inputs: Any) -> tuple[int, _Sharded]:
-        dim = _axis("SPGather", self.axis, len(inputs.shape))
+        dim = self._dim(len(inputs.shape))
         record = _STATE.sharded.get(self.sequence)
         if record is None:
             raise PlanError(
@@ -281,11 +295,7 @@ class SPGather(keras.layers.Layer):
 
     def call(self, inputs: Any) -> Any:
         dim, record = self._sharded(inputs)
-        try:
-            with sp_strict(self.strict):
-                n = sp_world_size(inputs)
-        except ValueError as e:
-            raise _bound_error("SPGather", e) from None
+        n = self._world_size(inputs)
         out = sp_gather(_scale_grad(inputs, n, 1), dim, pad_size=record.pad, layout=record.layout)
         del _STATE.sharded[self.sequence]
         self._record = record
@@ -294,22 +304,13 @@ class SPGather(keras.layers.Layer):
     def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
         if previous_mask is None:
             return None
-        dim = _axis("SPGather", self.axis, len(inputs.shape))
         if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
-            return _symbolic(previous_mask, dim)
+            return self._symbolic_mask(previous_mask)
         record = self._record
         if record is None:
             raise PlanError("SPGather.compute_mask runs only after the layer's call().")
+        dim = self._dim(len(inputs.shape))
         return sp_gather(previous_mask, dim, pad_size=record.pad, layout=record.layout)
-
-    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
-        dim = _axis("SPGather", self.axis, len(input_shape))
-        return tuple(None if i == dim else d for i, d in enumerate(input_shape))
-
-    def get_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = super().get_config()
-        config.update(axis=self.axis, sequence=self.sequence, strict=self.strict)
-        return config
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
