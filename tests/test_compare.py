@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,21 +81,52 @@ def test_a_small_run_of_every_op_on_two_torch_ranks_and_two_jax_devices_is_corre
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture
+def in_process_sp_compare(
+    torch_ranks, monkeypatch
+) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``sp_compare``'s ``main`` in this process: the torch side on the session's rank pool of
+    its world size (not a pool of its own), JAX on this process's CPU devices; JAX's 64-bit
+    switch, which a 64-bit run turns on, restored afterwards. ``(exit status, stdout, stderr)``.
+    (The test above runs the tool as its own process.)"""
+    import contextlib
+
+    import jax
+
+    from sp_common.compare import cli, run_torch
+
+    monkeypatch.setattr(
+        run_torch, "RankPool", lambda n, device: contextlib.nullcontext(torch_ranks(n))
+    )
+    before = jax.config.jax_enable_x64
+
+    def call(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.main(list(args))
+        return status, out.getvalue(), err.getvalue()
+
+    try:
+        yield call
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_dtype_runs_every_op_it_offers_correctly_and_notes_what_it_leaves_out(
-    dtype: str,
+    dtype: str, in_process_sp_compare
 ) -> None:
-    result = sp_compare(*SMALL, "--dtype", dtype)
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = table_rows(result.stdout)
-    assert all(r[3] == "yes" for r in rows), result.stdout
+    status, stdout, stderr = in_process_sp_compare(*SMALL, "--dtype", dtype)
+    assert status == 0, stdout + stderr
+    rows = table_rows(stdout)
+    assert all(r[3] == "yes" for r in rows), stdout
     ran = {r[0] for r in rows}
     if dtype in FLOAT_DTYPES:
         assert ran == set(DEFAULT_OPS)
     else:
         assert ran == set(DEFAULT_OPS) - {"ulysses"}
-        assert "sp-compare: note: left out ulysses: ulysses " in result.stderr, result.stderr
-        assert f"not {dtype}" in result.stderr
+        assert "sp-compare: note: left out ulysses: ulysses " in stderr, stderr
+        assert f"not {dtype}" in stderr
 
 
 @pytest.mark.parametrize(
