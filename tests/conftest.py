@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -35,8 +36,9 @@ def torch_ranks() -> Iterator[Callable[[int], RankPool]]:
         return pools[n]
 
     yield get
-    for pool in pools.values():
-        pool.close()
+    # Together: each pool's ranks take a second or two to leave their process group and exit.
+    with ThreadPoolExecutor() as closing:
+        list(closing.map(RankPool.close, pools.values()))
 
 
 @pytest.fixture
