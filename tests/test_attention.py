@@ -79,9 +79,14 @@ def all_pairs(seed: int) -> list[dict[str, Any]]:
     return chosen
 
 
+# A seed per world size whose greedy sample has 17 cases (most seeds give 19-24; 16, strategy x
+# dtype, is the least any sample can have): each case is one XLA compile of about a second.
+SEEDS = {2: 7, 4: 21, 8: 24}
+
+
 def cases_for(n: int) -> list[AttnCase]:
     out = []
-    for i, c in enumerate(all_pairs(seed=n)):
+    for i, c in enumerate(all_pairs(seed=SEEDS[n])):
         hq, kv = HEADS[(n, c["heads_divide"])]
         seq = LENGTHS[c["length"]](n)
         kv_heads = kv[c["kv"]]
@@ -160,10 +165,10 @@ def jax_attention(case: AttnCase) -> tuple[np.ndarray, list[np.ndarray]]:
 
 def test_the_pairwise_sample_covers_every_pair_of_levels() -> None:
     for n in (2, 4, 8):
-        chosen = all_pairs(seed=n)
+        chosen = all_pairs(seed=SEEDS[n])
         for a, b in itertools.combinations(FACTORS, 2):
             assert {(c[a], c[b]) for c in chosen} == set(itertools.product(FACTORS[a], FACTORS[b]))
-        assert len(chosen) <= 24
+        assert len(chosen) == 17
 
 
 @pytest.mark.parametrize("n", [2, 4])
