@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 from jax._src import core as jax_core
 
+from sp_common.attention import blocks
 from sp_common.backend import Backend
 from sp_common.groups import active_group
 from sp_common.shapes import DtypeInfo, is_axis_name
@@ -166,8 +167,15 @@ class JaxBackend(Backend[AxisName]):
         return lax.cond(pred, if_true, if_false, x)
 
     def block_forward(
-        self, q5: jax.Array, k: jax.Array, v: jax.Array, allowed: Any, scale: float
+        self,
+        q5: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        allowed: Any,
+        scale: float,
+        causal: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
+        allowed = blocks.with_causal(self, q5, k, allowed, causal)
         return ring.block_forward(self, q5, k, v, allowed, scale)
 
     def block_grads(
@@ -181,7 +189,9 @@ class JaxBackend(Backend[AxisName]):
         do5: jax.Array,
         delta: jax.Array,
         o5: Any = None,
+        causal: bool = False,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        allowed = blocks.with_causal(self, q5, k, allowed, causal)
         return ring.block_grads(self, q5, k, v, allowed, scale, lse, do5, delta)
 
     def einsum(self, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:

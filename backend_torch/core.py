@@ -216,8 +216,9 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
         v: torch.Tensor,
         allowed: torch.Tensor | None,
         scale: float,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ring.block_forward(self, q5, k, v, allowed, scale)
+        return ring.block_forward(self, q5, k, v, allowed, scale, causal)
 
     def block_grads(
         self,
@@ -230,8 +231,9 @@ class TorchBackend(Backend["dist.ProcessGroup | None"]):
         do5: torch.Tensor,
         delta: torch.Tensor,
         o5: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ring.block_grads(self, q5, k, v, allowed, scale, lse, do5, delta, o5)
+        return ring.block_grads(self, q5, k, v, allowed, scale, lse, do5, delta, o5, causal)
 
     def einsum(self, spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.einsum(spec, a, b)

@@ -130,13 +130,19 @@ def block_forward(
     v: torch.Tensor,
     allowed: torch.Tensor | None,
     scale: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sp_common.attention.blocks.block_forward`` on torch's fused CPU flash kernel (the
-    kernel SDPA runs, which returns the log-sum-exp), where it applies."""
+    kernel SDPA runs, which returns the log-sum-exp), where it applies; ``causal`` (queries and
+    keys at the same positions) without a mask is the kernel's own ``is_causal``."""
     if not _fused(q5, v):
+        allowed = blocks.with_causal(backend, q5, k, allowed, causal)
         return blocks.block_forward(backend, q5, k, v, allowed, scale)
+    is_causal = causal and allowed is None
+    if not is_causal:
+        allowed = blocks.with_causal(backend, q5, k, allowed, causal)
     q, kh, vh, mask = _heads_first(q5, k, v, allowed)
-    out, lse = _FLASH(q, kh, vh, 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = _FLASH(q, kh, vh, 0.0, is_causal, attn_mask=mask, scale=scale)
     if allowed is not None:  # the kernel gives a query with no key lse 0: it must not count
         dead = ~allowed.any(-1)[:, None]  # [B | 1, 1, sq | 1]
         lse = lse.masked_fill(dead, _NEG_INF)
@@ -157,9 +163,14 @@ def block_grads(
     do5: torch.Tensor,
     delta: torch.Tensor,
     o5: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sp_common.attention.blocks.block_grads`` on the fused kernel's backward, given the
-    final output ``o5`` and ``lse`` of these queries (it computes ``delta`` from them)."""
+    final output ``o5`` and ``lse`` of these queries (it computes ``delta`` from them);
+    ``causal`` as :func:`block_forward`'s."""
+    is_causal = causal and allowed is None and o5 is not None and _fused(q5, v)
+    if not is_causal:
+        allowed = blocks.with_causal(backend, q5, k, allowed, causal)
     if o5 is None or not _fused(q5, v):
         return blocks.block_grads(backend, q5, k, v, allowed, scale, lse, do5, delta)
     batch, sq, hkv, groups, d = q5.shape
@@ -177,7 +188,7 @@ def block_grads(
         heads_first(o5),
         base,
         0.0,
-        False,
+        is_causal,
         attn_mask=mask,
         scale=scale,
     )

@@ -152,12 +152,16 @@ class Backend(Generic[GroupT]):
         bool scalar, both branches then traced and returning the same types)."""
         return if_true(x) if pred else if_false(x)
 
-    def block_forward(self, q5: Any, k: Any, v: Any, allowed: Any, scale: float) -> tuple[Any, Any]:
+    def block_forward(
+        self, q5: Any, k: Any, v: Any, allowed: Any, scale: float, causal: bool = False
+    ) -> tuple[Any, Any]:
         """One ring block's ``(o5, lse)``: ``sp_common.attention.blocks.block_forward`` (its
-        layouts there), a Python loop over key tiles unless the backend has a better one."""
-        from .attention.blocks import block_forward
+        layouts there), a Python loop over key tiles unless the backend has a better one.
+        ``causal``: also the causal mask of queries and keys at the same positions (a rank's
+        own block), which a kernel may apply without a mask tensor."""
+        from .attention.blocks import block_forward, with_causal
 
-        return block_forward(self, q5, k, v, allowed, scale)
+        return block_forward(self, q5, k, v, with_causal(self, q5, k, allowed, causal), scale)
 
     def block_grads(
         self,
@@ -170,11 +174,14 @@ class Backend(Generic[GroupT]):
         do5: Any,
         delta: Any,
         o5: Any = None,
+        causal: bool = False,
     ) -> tuple[Any, Any, Any]:
         """One ring block's ``(dq5, dk, dv)``: ``sp_common.attention.blocks.block_grads``
-        (``o5``, the final output of these queries, for kernels that want it with ``lse``)."""
-        from .attention.blocks import block_grads
+        (``o5``, the final output of these queries, for kernels that want it with ``lse``;
+        ``causal`` as :meth:`block_forward`'s)."""
+        from .attention.blocks import block_grads, with_causal
 
+        allowed = with_causal(self, q5, k, allowed, causal)
         return block_grads(self, q5, k, v, allowed, scale, lse, do5, delta)
 
     def einsum(self, spec: str, a: Any, b: Any) -> Any:

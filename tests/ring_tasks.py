@@ -57,17 +57,21 @@ def created_shapes(strategy: str, seq: int, heads: int, d: int) -> dict[str, Any
 
 
 def pair_counts(layout: str, seq: int) -> dict[str, int]:
-    """How many (query half, key half) tiles this rank attends in causal ring attention's
-    forward pass over a sequence of ``seq`` tokens in ``layout``."""
+    """In causal ring attention's forward pass over a sequence of ``seq`` tokens in ``layout``:
+    how many (query half, key half) tiles this rank attends (a call over the own block under
+    its causal mask covers the lower triangle of its tiles), and in how many kernel calls."""
     import sp_common as sp
     from backend_torch.core import TorchBackend
 
-    calls = {"tiles": 0}
+    calls = {"tiles": 0, "calls": 0}
     block_forward = TorchBackend.block_forward
+    half = seq // sp.sp_world_size("torch") // 2
 
-    def counting(*args: Any) -> Any:
-        calls["tiles"] += 1
-        return block_forward(*args)
+    def counting(self: Any, q5: Any, k: Any, *args: Any, causal: bool = False) -> Any:
+        rows, cols = q5.shape[1] // half, k.shape[1] // half
+        calls["tiles"] += rows * (rows + 1) // 2 if causal else rows * cols
+        calls["calls"] += 1
+        return block_forward(self, q5, k, *args, causal=causal)
 
     full = [to_torch(make_data((1, seq, 2, 4), "float32", i, specials=False)) for i in range(3)]
     q, k, v = (sp.sp_shard_with_padding(t, 1, layout=layout)[0] for t in full)

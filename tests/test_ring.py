@@ -99,11 +99,14 @@ def test_jax_ring_holds_no_array_of_the_whole_sequence_and_only_permutes(strateg
 def test_causal_zigzag_ring_gives_every_rank_the_same_work(torch_ranks) -> None:
     """Tiles of (half shard x half shard) each rank attends: zigzag 3 on its own block and 2 on
     each other, 2N + 1 on every rank; contiguous 4r + 3 on rank r (the last rank does nearly
-    twice the balanced work)."""
-    zigzag = [r["tiles"] for r in torch_ranks(N).run(ring_tasks.pair_counts, "zigzag", 32)]
-    contiguous = [r["tiles"] for r in torch_ranks(N).run(ring_tasks.pair_counts, "contiguous", 32)]
-    assert zigzag == [2 * N + 1] * N
-    assert contiguous == [4 * r + 3 for r in range(N)]
+    twice the balanced work). One kernel call per block attended: the own block under its
+    causal mask, another block's tiles as one rectangle."""
+    zigzag = torch_ranks(N).run(ring_tasks.pair_counts, "zigzag", 32)
+    contiguous = torch_ranks(N).run(ring_tasks.pair_counts, "contiguous", 32)
+    assert [r["tiles"] for r in zigzag] == [2 * N + 1] * N
+    assert [r["tiles"] for r in contiguous] == [4 * r + 3 for r in range(N)]
+    assert [r["calls"] for r in zigzag] == [N] * N
+    assert [r["calls"] for r in contiguous] == [r + 1 for r in range(N)]
 
 
 def test_torch_second_derivatives_through_the_ring_raise_and_first_order_func_grad_works(

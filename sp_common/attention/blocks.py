@@ -38,6 +38,16 @@ def logits(backend: Backend[Any], q5: Any, k: Any, allowed: Any, scale: float) -
     return backend.where(allowed[:, :, None, None, :], s, NEG_INF)
 
 
+def with_causal(backend: Backend[Any], q5: Any, k: Any, allowed: Any, causal: bool) -> Any:
+    """``allowed`` and, with ``causal``, the causal mask of queries and keys at the same
+    positions (query i attends keys j <= i: a rank's own block, whose positions increase)."""
+    if not causal:
+        return allowed
+    rows, cols = backend.arange(q5, backend.shape(q5)[1]), backend.arange(q5, backend.shape(k)[1])
+    tril = (cols[None, :] <= rows[:, None])[None]
+    return tril if allowed is None else backend.logical_and(allowed, tril)
+
+
 def _key_slices(sk: int) -> list[slice]:
     """The key ranges of the tiles: at most ``KEY_BLOCK`` keys each."""
     return [slice(start, min(start + KEY_BLOCK, sk)) for start in range(0, sk, KEY_BLOCK)]

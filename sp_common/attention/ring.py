@@ -15,6 +15,10 @@ contiguous layout: chunks 2r, 2r+1; zigzag: r, 2N-1-r). A (query half, key half)
 chunk comes after the query chunk is skipped, one before it is attended without a causal mask,
 the same chunk with one. Under zigzag every rank then does the same work at every step but the
 first (two of the four pairs); in the contiguous layout rank r attends r + 1 of the N blocks.
+Where the pairs' relations are known when the step runs (torch: every step; JAX: step 0, the
+other steps' ranks are traced), the pairs attended are one kernel call (``_calls``): a
+rectangle of whole pairs, or the own block under the causal mask of equal positions, which
+torch's fused kernel applies as ``is_causal`` without a mask tensor.
 """
 
 from __future__ import annotations
@@ -186,6 +190,45 @@ class _Step:
         return allowed
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One kernel call that covers several pairs of a step: query pieces ``rows`` against key
+    pieces ``cols`` (each a range of piece indices), ``causal`` when they are the rank's own
+    block's pieces with their causal mask (queries and keys at the same positions)."""
+
+    rows: range
+    cols: range
+    causal: bool
+
+
+def _calls(step: _Step) -> list[_Call] | None:
+    """Where every pair's relation is known now (torch: always; JAX: at step 0), the fewest
+    calls that cover the pairs not skipped: one call when they are a rectangle of ``"full"``
+    pairs, or the rank's whole own block under its causal mask when no key is masked (a mask
+    would then be ``[s, s]``; per pair it is a quarter of that); else None (a call per pair)."""
+    count = len(step.parts)
+    relations = {(qi, kj): step.relation(qi, kj) for qi in range(count) for kj in range(count)}
+    if not all(isinstance(r, str) for r in relations.values()):
+        return None
+    live = {pair: r for pair, r in relations.items() if r != "skip"}
+    if not live:
+        return []
+    rows = range(min(q for q, _ in live), max(q for q, _ in live) + 1)
+    cols = range(min(k for _, k in live), max(k for _, k in live) + 1)
+    if set(live.values()) == {"full"} and len(live) == len(rows) * len(cols):
+        return [_Call(rows, cols, False)]
+    own = {(qi, kj): "diag" if qi == kj else "full" for qi in range(count) for kj in range(qi + 1)}
+    if step.own and step.spec.skips and step.valid is None and live == own:
+        return [_Call(range(count), range(count), True)]
+    return None
+
+
+def _span(parts: tuple[tuple[int, int], ...], pieces: range) -> slice:
+    """The tokens of the consecutive ``pieces``."""
+    first, last = parts[pieces[0]], parts[pieces[-1]]
+    return slice(first[0], last[0] + last[1])
+
+
 def _pieces(x: Any, parts: tuple[tuple[int, int], ...]) -> list[Any]:
     """``x`` cut along dim 1 into ``parts``."""
     return [x[:, start : start + length] for start, length in parts]
@@ -233,22 +276,36 @@ def ring_forward(
     """``(out [B, s, Hq, Dv] in q's dtype, o5, lse)``; the last two are what the backward pass
     needs (see ``blocks``)."""
     run = _Pass(backend, spec, q, k)
-    q_pieces = run.pieces(run.as5(q))
+    q5 = run.as5(q)
+    q_pieces = run.pieces(q5)
     parts = range(len(run.parts))
 
     def body(t: Any, carry: Any, send: bool) -> Any:
         held, acc = carry
         moving = backend.ring_shift(held, spec.group) if send else None
         step = run.step(t, held)
-        k_pieces = run.pieces(_accumulation(backend, held[0]))
-        v_pieces = run.pieces(_accumulation(backend, held[1]))
+        k, v = (_accumulation(backend, x) for x in held[:2])
         acc = list(acc)
-        for qi in parts:
-            for kj in parts:
-                attend = partial(
-                    _attend, backend, step, qi, kj, q_pieces[qi], k_pieces[kj], v_pieces[kj]
-                )
-                acc[qi] = backend.branch(step.skip(qi, kj), _same, attend, acc[qi])
+        calls = _calls(step)
+        if calls is None:
+            k_pieces, v_pieces = run.pieces(k), run.pieces(v)
+            for qi in parts:
+                for kj in parts:
+                    attend = partial(
+                        _attend, backend, step, qi, kj, q_pieces[qi], k_pieces[kj], v_pieces[kj]
+                    )
+                    acc[qi] = backend.branch(step.skip(qi, kj), _same, attend, acc[qi])
+        for call in calls or ():
+            rows, cols = _span(run.parts, call.rows), _span(run.parts, call.cols)
+            allowed = None if step.valid is None else step.valid[:, None, cols]
+            o5, lse = backend.block_forward(
+                q5[:, rows], k[:, cols], v[:, cols], allowed, spec.scale, causal=call.causal
+            )
+            for qi in call.rows:
+                start, length = run.parts[qi]
+                piece = slice(start - rows.start, start - rows.start + length)
+                new = (o5[:, piece], lse[:, piece])
+                acc[qi] = new if acc[qi] is None else merge(backend, acc[qi], new)
         return (held if moving is None else moving.wait()), acc
 
     held = (k, v) if key_mask is None else (k, v, key_mask)
@@ -287,6 +344,14 @@ def _grads(
     return (gq if q_sum is None else q_sum + gq, k_sum + gk, v_sum + gv)
 
 
+def _add_at(backend: Backend[Any], whole: Any, part: Any, tokens: slice) -> Any:
+    """``whole`` plus ``part`` at ``tokens`` of dim 1 (``part`` where ``whole`` is zeros)."""
+    if tokens.start == 0 and tokens.stop == backend.shape(whole)[1]:
+        return whole + part
+    pieces = [whole[:, : tokens.start], whole[:, tokens] + part, whole[:, tokens.stop :]]
+    return backend.concat(pieces, 1)
+
+
 def ring_backward(
     backend: Backend[Any],
     spec: RingSpec,
@@ -311,20 +376,45 @@ def ring_backward(
         held, dq, grads = carry  # grads: the (dk, dv) on their way here, None at step 0
         moving = backend.ring_shift(held, spec.group) if send else None
         step = run.step(t, held)
-        k_pieces = run.pieces(_accumulation(backend, held[0]))
-        v_pieces = run.pieces(_accumulation(backend, held[1]))
-        dk = [backend.zeros_like(x) for x in k_pieces]
-        dv = [backend.zeros_like(x) for x in v_pieces]
+        k, v = (_accumulation(backend, x) for x in held[:2])
         dq = list(dq)
-        for qi in parts:
-            for kj in parts:
-                pair = (q_pieces[qi], k_pieces[kj], v_pieces[kj])
-                saved = (lse_pieces[qi], do_pieces[qi], delta_pieces[qi], o_pieces[qi])
-                add = partial(_grads, backend, step, qi, kj, pair, saved)
-                dq[qi], dk[kj], dv[kj] = backend.branch(
-                    step.skip(qi, kj), _same, add, (dq[qi], dk[kj], dv[kj])
-                )
-        dk_block, dv_block = backend.concat(dk, 1), backend.concat(dv, 1)
+        calls = _calls(step)
+        if calls is None:
+            k_pieces, v_pieces = run.pieces(k), run.pieces(v)
+            dk = [backend.zeros_like(x) for x in k_pieces]
+            dv = [backend.zeros_like(x) for x in v_pieces]
+            for qi in parts:
+                for kj in parts:
+                    pair = (q_pieces[qi], k_pieces[kj], v_pieces[kj])
+                    saved = (lse_pieces[qi], do_pieces[qi], delta_pieces[qi], o_pieces[qi])
+                    add = partial(_grads, backend, step, qi, kj, pair, saved)
+                    dq[qi], dk[kj], dv[kj] = backend.branch(
+                        step.skip(qi, kj), _same, add, (dq[qi], dk[kj], dv[kj])
+                    )
+            dk_block, dv_block = backend.concat(dk, 1), backend.concat(dv, 1)
+        else:
+            dk_block, dv_block = backend.zeros_like(k), backend.zeros_like(v)
+        for call in calls or ():
+            rows, cols = _span(run.parts, call.rows), _span(run.parts, call.cols)
+            allowed = None if step.valid is None else step.valid[:, None, cols]
+            gq, gk, gv = backend.block_grads(
+                q5[:, rows],
+                k[:, cols],
+                v[:, cols],
+                allowed,
+                spec.scale,
+                lse[:, rows],
+                do5[:, rows],
+                delta[:, rows],
+                o5[:, rows],
+                causal=call.causal,
+            )
+            for qi in call.rows:
+                start, length = run.parts[qi]
+                piece = gq[:, start - rows.start : start - rows.start + length]
+                dq[qi] = piece if dq[qi] is None else dq[qi] + piece
+            dk_block = _add_at(backend, dk_block, gk, cols)
+            dv_block = _add_at(backend, dv_block, gv, cols)
         if grads is not None:
             arrived_k, arrived_v = grads.wait()
             dk_block, dv_block = dk_block + arrived_k, dv_block + arrived_v
