@@ -179,8 +179,10 @@ def fit_task(seq: int, optimizer: str, accumulate: int, validate: bool, shuffle:
 
 
 def unseeded_shuffle_task(seq: int) -> str:
-    """model.fit with shuffle=True where the ranks' numpy seeds differ (so each rank sees
-    other batches): the integration must not train silently on a mix of different batches."""
+    """model.fit with shuffle=True where the ranks' seeds differ (Keras's torch data loader
+    shuffles with torch's generator, so each rank sees other batches): the integration must not
+    train silently on a mix of different batches."""
+    import torch
     import torch.distributed as dist
 
     keras = _keras()
@@ -190,6 +192,7 @@ def unseeded_shuffle_task(seq: int) -> str:
     x, w = _data(seq, batch=4)
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     np.random.seed(100 + dist.get_rank())
+    torch.manual_seed(100 + dist.get_rank())
     try:
         model.fit(x, w, batch_size=1, epochs=1, shuffle=True, verbose=0)
     except Exception as e:

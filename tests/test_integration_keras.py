@@ -76,7 +76,7 @@ def test_torch_output_gradients_and_fit_equal_the_unsharded_model(
 def test_torch_what_cannot_be_averaged_raises(torch_ranks: Ranks) -> None:
     for found in torch_ranks(2).run(tasks.errors_task):
         assert "sync_without_shard" in found, found
-        assert "PlanError: sync_gradients: no SPShard layer ran" in found["sync_without_shard"]
+        assert "went through no SPShard or SPGather layer" in found["sync_without_shard"]
         assert "runs on the torch backend" in found["jax_forward"]
         assert "SPGather: no SPShard(sequence='sequence') ran" in found["gather_without_shard"]
 
@@ -141,7 +141,7 @@ def test_jax_model_called_outside_shard_map_raises_instead_of_running_unsharded(
         model(x)
     assert "no mesh axis is bound" in str(called.value)
     model.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match=r"model\.fit and model"):
+    with pytest.raises(ValueError, match=r"model\.fit, model\.predict and model"):
         model.fit(x, w, epochs=1, verbose=0)
 
 
@@ -150,11 +150,21 @@ def test_strict_false_runs_the_layers_at_world_size_one() -> None:
     reference = keras.layers.MultiHeadAttention(2, 8)
     ours = sp_keras.SPMultiHeadAttention(2, 8, strict=False)
     want = reference(x, x, use_causal_mask=True)
-    ours(x, x)
+    inp = keras.Input((None, 16))
+    h = sp_keras.SPShard(strict=False)(inp)
+    model = keras.Model(inp, sp_keras.SPGather(strict=False)(ours(h, h, use_causal_mask=True)))
     ours.set_weights(reference.get_weights())
-    h = sp_keras.SPShard(strict=False)(jnp.asarray(x))
-    got = sp_keras.SPGather(strict=False)(ours(h, h, use_causal_mask=True))
+    got = model(jnp.asarray(x))  # outside shard_map: world size 1
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=TOL)
+
+
+def test_a_record_lives_for_one_model_call() -> None:
+    """SPShard called on its own records nothing a later call reads: SPGather on its own then
+    raises instead of guessing the padding."""
+    x = jnp.asarray(keras_model.inputs(7)[0])
+    sp_keras.SPShard(strict=False)(x)
+    with pytest.raises(sp.PlanError, match=r"no SPShard\(sequence='sequence'\) ran"):
+        sp_keras.SPGather(strict=False)(x)
 
 
 def test_what_sequence_parallel_attention_cannot_compute_raises() -> None:
@@ -199,7 +209,7 @@ def test_a_backend_other_than_torch_or_jax_names_the_ones_that_work() -> None:
 
 def test_jax_forward_raises_where_the_model_updates_its_state() -> None:
     x = keras.Input((None, 4))
-    h = keras.layers.BatchNormalization()(sp_keras.SPShard()(x))
+    h = sp_keras.SPShard()(keras.layers.BatchNormalization()(x))  # before the shard: whole
     model = keras.Model(x, sp_keras.SPGather()(h))
     trainable = [v.value for v in model.trainable_variables]
     fixed = [v.value for v in model.non_trainable_variables]
@@ -210,3 +220,24 @@ def test_jax_forward_raises_where_the_model_updates_its_state() -> None:
         assert same.shape == (2, 6, 4)  # inference: the running statistics are only read
         with pytest.raises(sp.PlanError, match="updated a non-trainable weight"):
             jax.jit(sp_keras.jax_forward(model, mesh, training=True))(trainable, fixed, data)
+
+
+@pytest.mark.parametrize(
+    "between, training, named",
+    [
+        (lambda h: keras.layers.MultiHeadAttention(2, 8)(h, h), False, "MultiHeadAttention"),
+        (keras.layers.Conv1D(16, 3, padding="same"), False, "Conv1D"),
+        (keras.layers.BatchNormalization(), True, "BatchNormalization"),
+    ],
+)
+def test_a_layer_that_combines_tokens_on_the_shard_raises_naming_it(
+    between: Any, training: bool, named: str
+) -> None:
+    inp = keras.Input((None, 16))
+    model = keras.Model(inp, sp_keras.SPGather()(between(sp_keras.SPShard()(inp))))
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+    mesh = mesh_of(2)
+    x = jnp.asarray(keras_model.inputs(8)[0])
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=f"\\({named}\\) between SPShard"):
+        jax.jit(sp_keras.jax_forward(model, mesh, training=training))(trainable, fixed, x)

@@ -94,20 +94,83 @@ class _Sharded:
 
 class _State(threading.local):
     def __init__(self) -> None:
+        self.owner: object | None = None  # the model call the records belong to
         self.sharded: dict[str, _Sharded] = {}
-        self.shards_run = 0  # SPShard calls on torch with gradients on (sync_gradients checks)
 
 
 _STATE = _State()
 
 
+def _current_call() -> object | None:
+    """The model call running now: the ``StatelessScope`` of a ``stateless_call`` (what
+    :func:`jax_forward` runs), else Keras's call context, which a layer call opens and the
+    layers it calls share (Keras 3 has no public query for either)."""
+    from keras.src.backend.common import global_state  # type: ignore[import-untyped]
+    from keras.src.backend.common.stateless_scope import get_stateless_scope  # type: ignore[import-untyped]
+
+    scope = get_stateless_scope()
+    return scope if scope is not None else global_state.get_global_attribute("current_call_ctx")
+
+
+def _records() -> dict[str, _Sharded]:
+    """The records of the model call running now. A record lives for one model call: a later
+    call (after a forward pass that failed, or whose sequence was never gathered) sees none."""
+    owner = _current_call()
+    if owner is None or _STATE.owner is not owner:
+        _STATE.owner, _STATE.sharded = owner, {}
+    return _STATE.sharded
+
+
+def _mixes_tokens(layer: Any, training: bool) -> bool:
+    """Whether a Keras layer combines tokens along the sequence (so on a shard it would see only
+    this rank's): attention that is not sequence-parallel, convolutions, pooling, recurrent
+    layers, reshapes, and normalizations over the sequence (BatchNormalization in training:
+    its statistics would be the shard's)."""
+    L = keras.layers
+    mixing: tuple[type, ...] = (
+        L.MultiHeadAttention, L.Attention, L.AdditiveAttention, L.GroupQueryAttention,
+        L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.SeparableConv1D, L.DepthwiseConv1D,
+        L.MaxPooling1D, L.AveragePooling1D, L.GlobalMaxPooling1D, L.GlobalAveragePooling1D,
+        L.RNN, L.LSTM, L.GRU, L.SimpleRNN, L.Bidirectional, L.GroupNormalization,
+        L.Flatten, L.Reshape, L.Permute, L.Cropping1D, L.ZeroPadding1D, L.UpSampling1D,
+    )  # fmt: skip
+    if isinstance(layer, SPMultiHeadAttention):
+        return False
+    return isinstance(layer, mixing) or (training and isinstance(layer, L.BatchNormalization))
+
+
+def _check_region(shard: Any, training: bool) -> None:
+    """Raise ValueError naming the layers of a functional model that mix tokens between
+    ``shard`` (an :class:`SPShard`) and the :class:`SPGather` of its sequence."""
+    found, seen, todo = [], set(), list(shard._outbound_nodes)
+    while todo:
+        op = todo.pop().operation
+        if id(op) in seen or isinstance(op, SPGather):
+            continue
+        seen.add(id(op))
+        inner = op._flatten_layers() if isinstance(op, keras.layers.Layer) else [op]
+        found += [f"{x.name!r} ({type(x).__name__})" for x in inner if _mixes_tokens(x, training)]
+        todo += op._outbound_nodes
+    if found:
+        raise ValueError(
+            f"SPShard (sp_common.integrations.keras): {', '.join(sorted(set(found)))} between "
+            f"SPShard and SPGather combine tokens along the sequence, so on a shard they would "
+            "see only this rank's tokens and silently differ from the unsharded model. Move them "
+            "before SPShard or after SPGather, or use their sequence-parallel form "
+            "(SPMultiHeadAttention for attention)."
+        )
+
+
 def _bound_error(layer: str, error: ValueError) -> ValueError:
-    return ValueError(
-        f"{layer} (sp_common.integrations.keras): {error} On JAX run the model inside "
-        "jax.shard_map, e.g. sp_common.integrations.keras.jax_forward(model, mesh): model.fit "
-        "and model(x) bind no mesh axis. On torch call dist.init_process_group first. "
-        "strict=False runs the layer unsharded at world size 1."
+    where = (
+        " On JAX run the model inside jax.shard_map, e.g. "
+        "sp_common.integrations.keras.jax_forward(model, mesh): model.fit, model.predict and "
+        "model(x) bind no mesh axis. On torch call dist.init_process_group first. strict=False "
+        "runs the layer unsharded at world size 1."
+        if "strict mode is on" in str(error)
+        else f" Name the SP axis or group with {layer}(..., group=...)."
     )
+    return ValueError(f"{layer} (sp_common.integrations.keras): {error}{where}")
 
 
 def _axis(layer: str, axis: int, ndim: int) -> int:
@@ -123,40 +186,12 @@ def _axis(layer: str, axis: int, ndim: int) -> int:
 
 
 def _scale_grad(x: Any, multiply: int, divide: int) -> Any:
-    """torch: ``x`` itself, whose cotangent is multiplied by ``multiply / divide``."""
-    if multiply == divide or not getattr(x, "requires_grad", False):
+    """torch: ``x`` itself, whose cotangent is multiplied by ``multiply / divide``; JAX: ``x``."""
+    if BACKEND != "torch":
         return x
-    return _torch_scale().apply(x, multiply, divide)
+    from . import _keras_torch
 
-
-_SCALE: Any = None
-
-
-def _torch_scale() -> Any:
-    """The autograd function of :func:`_scale_grad` (built on first use: torch only)."""
-    global _SCALE
-    if _SCALE is None:
-        import torch
-
-        class _ScaleGrad(torch.autograd.Function):
-            @staticmethod
-            def forward(x: torch.Tensor, multiply: int, divide: int) -> torch.Tensor:
-                return x.view_as(x)
-
-            @staticmethod
-            def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-                ctx.multiply, ctx.divide = inputs[1], inputs[2]
-
-            @staticmethod
-            def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None]:
-                if ctx.multiply != 1:
-                    grad = grad * ctx.multiply
-                if ctx.divide != 1:
-                    grad = grad / ctx.divide
-                return grad, None, None
-
-        _SCALE = _ScaleGrad
-    return _SCALE
+    return _keras_torch.scale_grad(x, multiply, divide)
 
 
 class _SequenceLayer(keras.layers.Layer):
@@ -164,9 +199,11 @@ class _SequenceLayer(keras.layers.Layer):
     strict mode, the world size, and a shape and mask whose sequence length is unknown while a
     functional model is built (it depends on the world size)."""
 
-    def __init__(self, axis: int, sequence: str, strict: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, axis: int, sequence: str, strict: bool, group: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        self.axis, self.sequence, self.strict = axis, sequence, strict
+        self.axis, self.sequence, self.strict, self.group = axis, sequence, strict, group
         self.supports_masking = True
 
     def _dim(self, ndim: int) -> int:
@@ -175,8 +212,8 @@ class _SequenceLayer(keras.layers.Layer):
     def _world_size(self, inputs: Any) -> int:
         try:
             with sp_strict(self.strict):
-                return sp_world_size(inputs)
-        except ValueError as e:
+                return sp_world_size(inputs, group=self.group)
+        except ValueError as e:  # nothing bound, or not the axis named
             raise _bound_error(type(self).__name__, e) from None
 
     def _symbolic_mask(self, mask: Any) -> Any:
@@ -190,7 +227,17 @@ class _SequenceLayer(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
         config.update(axis=self.axis, sequence=self.sequence, strict=self.strict)
-        return config
+        return config | _group_config(self.group)
+
+
+def _group_config(group: Any) -> dict[str, Any]:
+    """A group in a layer's config: a JAX mesh axis name (a torch process group is not
+    serializable: a loaded layer uses the default group, or the active ``sp_group``)."""
+    if isinstance(group, str) or (
+        isinstance(group, tuple) and all(isinstance(a, str) for a in group)
+    ):
+        return {"group": group}
+    return {}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -208,9 +255,20 @@ class SPShard(_SequenceLayer):
         sequence: the name of the record (two sequences sharded at once need two names).
         strict: raise where no SP group is bound (JAX outside ``shard_map``, torch without a
             process group) instead of running at world size 1.
+        group: the SP group (a JAX mesh axis name, a torch process group or 2-D DeviceMesh;
+            default: the active ``sp_group``, else ``"sp"`` / the default group).
+        check_replicated: torch: check that every rank was given the same input (one
+            all-reduce of two numbers per call; different batches per rank would train
+            silently wrong). JAX: ``jax_forward`` replicates the input itself.
 
-    Raises (when called): ``ValueError`` where no group is bound and ``strict``, or for an
-    ``axis`` that is the batch or the feature axis.
+    The record lives for one model call (``model(x)``, ``model.fit``'s step, ``jax_forward``):
+    a later call never reads it.
+
+    Raises (when called): ``ValueError`` where no group is bound and ``strict``, where the
+    ranks were given different inputs, where a functional model has a layer that combines
+    tokens (attention that is not ``SPMultiHeadAttention``, convolution, pooling, a recurrent
+    layer, a reshape, ``BatchNormalization`` in training) between this layer and its
+    ``SPGather``, or for an ``axis`` that is the batch or the feature axis.
     """
 
     def __init__(
@@ -220,19 +278,30 @@ class SPShard(_SequenceLayer):
         layout: Layout = "contiguous",
         sequence: str = SEQUENCE,
         strict: bool = True,
+        group: Any = None,
+        check_replicated: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(axis, sequence, strict, **kwargs)
+        super().__init__(axis, sequence, strict, group, **kwargs)
         self.layout = check_layout("SPShard", layout)
+        self.check_replicated = check_replicated
+        self._region_checked: set[bool] = set()
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, training: Any = None) -> Any:
         dim = self._dim(len(inputs.shape))
         n = self._world_size(inputs)
-        out, pad = sp_shard_with_padding(_scale_grad(inputs, 1, n), dim, layout=self.layout)
+        if bool(training) not in self._region_checked:  # once per layer and mode
+            _check_region(self, bool(training))
+            self._region_checked.add(bool(training))
+        if BACKEND == "torch" and n > 1 and self.check_replicated:
+            from . import _keras_torch
+
+            _keras_torch.check_replicated("SPShard", inputs, self.group)
+        out, pad = sp_shard_with_padding(
+            _scale_grad(inputs, 1, n), dim, layout=self.layout, group=self.group
+        )
         length = int(inputs.shape[dim])
-        _STATE.sharded[self.sequence] = _Sharded(length, pad, (length + pad) // n, self.layout)
-        if _grad_on():
-            _STATE.shards_run += 1
+        _records()[self.sequence] = _Sharded(length, pad, (length + pad) // n, self.layout)
         return out
 
     def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
@@ -241,18 +310,14 @@ class SPShard(_SequenceLayer):
         if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
             return self._symbolic_mask(previous_mask)
         dim = self._dim(len(inputs.shape))
-        return sp_shard_with_padding(previous_mask, dim, False, layout=self.layout)[0]
+        mask, _ = sp_shard_with_padding(
+            previous_mask, dim, False, layout=self.layout, group=self.group
+        )
+        return mask
 
     def get_config(self) -> dict[str, Any]:
-        return super().get_config() | {"layout": self.layout}
-
-
-def _grad_on() -> bool:
-    if BACKEND != "torch":
-        return False
-    import torch
-
-    return torch.is_grad_enabled()
+        config: dict[str, Any] = super().get_config()
+        return config | {"layout": self.layout, "check_replicated": self.check_replicated}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -264,25 +329,31 @@ class SPGather(_SequenceLayer):
     first).
 
     Args:
-        axis, sequence, strict: as :class:`SPShard`'s.
+        axis, sequence, strict, group: as :class:`SPShard`'s.
 
     Raises (when called): ``PlanError`` when no :class:`SPShard` recorded ``sequence`` in this
     forward pass, or the shard has another length than the one it recorded.
     """
 
     def __init__(
-        self, axis: int = 1, *, sequence: str = SEQUENCE, strict: bool = True, **kwargs: Any
+        self,
+        axis: int = 1,
+        *,
+        sequence: str = SEQUENCE,
+        strict: bool = True,
+        group: Any = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(axis, sequence, strict, **kwargs)
+        super().__init__(axis, sequence, strict, group, **kwargs)
         self._record: _Sharded | None = None
 
     def _sharded(self, inputs: Any) -> tuple[int, _Sharded]:
         dim = self._dim(len(inputs.shape))
-        record = _STATE.sharded.get(self.sequence)
+        record = _records().get(self.sequence)
         if record is None:
             raise PlanError(
-                f"SPGather: no SPShard(sequence={self.sequence!r}) ran before it in this forward "
-                "pass, so the padding to drop is unknown; shard the sequence with SPShard, or "
+                f"SPGather: no SPShard(sequence={self.sequence!r}) ran before it in this model "
+                "call, so the padding to drop is unknown; shard the sequence with SPShard, or "
                 "gather a sequence sharded by hand with sp_common.sp_gather(x, dim, pad_size=...)."
             )
         if int(inputs.shape[dim]) != record.local:
@@ -296,8 +367,14 @@ class SPGather(_SequenceLayer):
     def call(self, inputs: Any) -> Any:
         dim, record = self._sharded(inputs)
         n = self._world_size(inputs)
-        out = sp_gather(_scale_grad(inputs, n, 1), dim, pad_size=record.pad, layout=record.layout)
-        del _STATE.sharded[self.sequence]
+        out = sp_gather(
+            _scale_grad(inputs, n, 1),
+            dim,
+            pad_size=record.pad,
+            layout=record.layout,
+            group=self.group,
+        )
+        del _records()[self.sequence]
         self._record = record
         return out
 
@@ -310,7 +387,9 @@ class SPGather(_SequenceLayer):
         if record is None:
             raise PlanError("SPGather.compute_mask runs only after the layer's call().")
         dim = self._dim(len(inputs.shape))
-        return sp_gather(previous_mask, dim, pad_size=record.pad, layout=record.layout)
+        return sp_gather(
+            previous_mask, dim, pad_size=record.pad, layout=record.layout, group=self.group
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -330,16 +409,20 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
             ``output_shape``, initializers, ...).
         strategy: as ``sp_attention``'s (they differ only in cost).
         layout: ``None``: the layout :class:`SPShard` recorded, else ``"contiguous"``.
-        sequence: the name of :class:`SPShard`'s record to read the real length from.
+        sequence: the name of the :class:`SPShard` record of the keys' and values' sequence,
+            to read its real length from. Cross-attention (``value`` is not ``query``) must name
+            it: the default name is the query's sequence, whose length would mask the wrong
+            keys.
         strict: raise where no SP group is bound (as :class:`SPShard`'s).
+        group: the SP group (as :class:`SPShard`'s).
 
     Call as ``MultiHeadAttention`` (``use_causal_mask=True`` is causal over the global
     positions), plus ``seq_len``: the real length of a sequence sharded by hand with padding
-    (default: :class:`SPShard`'s record, else nothing padded). ``value_mask``/``key_mask`` (and a
-    Keras mask of ``value``) are this rank's key padding masks ``[B, s]``; a query mask (a Keras
-    mask of ``query``) is passed on to the output as Keras does, and a masked query's output is
-    attention over the valid keys (Keras masks that row downstream; its own layer computes it
-    with every key masked).
+    (default: :class:`SPShard`'s record in this model call, else nothing padded).
+    ``value_mask``/``key_mask`` (and a Keras mask of ``value``) are this rank's key padding
+    masks ``[B, s]``. A query mask (a Keras mask of ``query``) is passed on to the output, and a
+    masked query's output is Keras's: every key of the row is masked, so it is the uniform
+    average of the values over the whole sequence.
 
     Raises:
         ValueError: ``dropout > 0``, a ``sliding_window``, ``attention_axes`` other than the
@@ -356,8 +439,9 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
         *,
         strategy: Strategy = "ulysses",
         layout: Layout | None = None,
-        sequence: str = SEQUENCE,
+        sequence: str | None = None,
         strict: bool = True,
+        group: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_heads, key_dim, **kwargs)
@@ -381,7 +465,9 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"{func}: attention_axes={axes}: only the sequence axis 1 of [batch, seq, "
                 "features] inputs is sharded; leave attention_axes=None."
             )
-        self.strategy, self.layout, self.sequence, self.strict = strategy, layout, sequence, strict
+        self.strategy, self.layout, self.strict, self.group = strategy, layout, strict, group
+        self.named = sequence is not None  # cross-attention must name the keys' sequence
+        self.sequence = sequence or SEQUENCE
         self._sp_call: dict[str, Any] | None = None
 
     def call(  # type: ignore[override]
@@ -416,9 +502,22 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"{func}: query of shape {tuple(query.shape)}; expected [batch, seq, features] "
                 "(fold extra batch dimensions into one)."
             )
-        record = _STATE.sharded.get(self.sequence)
-        if record is not None and record.local != int(query.shape[1]):
-            record = None  # another sequence than SPShard's: nothing recorded for it
+        record = _records().get(self.sequence)
+        if record is not None and value is not query and not self.named and seq_len is None:
+            raise ValueError(
+                f"{func}: cross-attention (value is not query) with the default sequence name "
+                f"{SEQUENCE!r}, the query's: its real length would mask the keys of another "
+                "sequence. Name the keys' sequence, SPMultiHeadAttention(..., sequence=NAME) as "
+                "its SPShard(sequence=NAME) recorded it (recorded in this model call: "
+                f"{sorted(_records())}), or pass seq_len= per call (for self-attention of one "
+                "sequence through two tensors, sequence='sequence')."
+            )
+        if record is not None and record.local != int(value.shape[1]):
+            raise ValueError(
+                f"{func}: the keys have {value.shape[1]} tokens on this rank, but "
+                f"SPShard(sequence={self.sequence!r}) gave it {record.local}; name the keys' "
+                "sequence with sequence=, or pass seq_len= per call."
+            )
         masks = [m for m in (value_mask, key_mask) if m is not None]
         keys = None
         if masks:
@@ -430,6 +529,7 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
             "seq_len": seq_len if seq_len is not None else (record and record.length),
             "key_mask": keys,
             "layout": self.layout or (record.layout if record else "contiguous"),
+            "query_mask": query_mask,
         }
         try:
             return super().call(query, value, key, training=training)
@@ -446,29 +546,39 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
         return_attention_scores: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, None]:
-        # attention_mask is Keras's [B, T, 1] from the query mask only (call() refuses the rest):
-        # it changes only masked queries' rows, which sp_attention leaves as attention over the
-        # valid keys.
+        # attention_mask is Keras's [B, T, 1] from the query mask only (call() refuses the rest);
+        # the query mask itself came through call().
         options = self._sp_call
         if options is None:
             raise RuntimeError(
                 "SPMultiHeadAttention._compute_attention runs only from the layer's call()."
             )
+        common = {
+            "strategy": self.strategy,
+            "seq_len": options["seq_len"],
+            "group": self.group,
+            "layout": options["layout"],
+        }
         try:
             with sp_strict(self.strict):
                 out = sp_attention(
                     query,
                     key,
                     value,
-                    strategy=self.strategy,
                     causal=options["causal"],
-                    seq_len=options["seq_len"],
                     key_mask=options["key_mask"],
                     scale=float(self._inverse_sqrt_key_dim),
-                    layout=options["layout"],
+                    **common,
                 )
+                rows = options["query_mask"]
+                if rows is not None:
+                    # Keras masks every key of a masked query's row: its softmax is then
+                    # uniform over the whole sequence (equal logits), which zero queries give.
+                    uniform = sp_attention(keras.ops.zeros_like(query), key, value, **common)
+                    keep = keras.ops.cast(rows, "bool")[:, :, None, None]
+                    out = keras.ops.where(keep, out, uniform)
         except ValueError as e:
-            if "strict mode is on" in str(e):
+            if "is not bound here" in str(e) or "strict mode is on" in str(e):
                 raise _bound_error("SPMultiHeadAttention", e) from None
             raise
         return out, None
@@ -479,36 +589,28 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
-        config.update(strategy=self.strategy, layout=self.layout, sequence=self.sequence)
-        return config | {"strict": self.strict}
+        config.update(strategy=self.strategy, layout=self.layout, strict=self.strict)
+        return (
+            config | {"sequence": self.sequence if self.named else None} | _group_config(self.group)
+        )
 
 
-class GradientSync:
-    """The hooks :func:`sync_gradients` put on a model's trainable weights; ``remove()`` takes
-    them off."""
-
-    def __init__(self, handles: list[Any]) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-def sync_gradients(model: Any, *, group: Any = None) -> GradientSync:
-    """torch: average every trainable weight's gradient over the SP group during
-    ``backward()`` (a hook per weight, after its gradient is accumulated), so ``model.fit``, or
-    any loop that runs ``backward()`` and an optimizer, gives every rank the unsharded model's
-    gradient and the same weights. Call it once per model, before training.
+def sync_gradients(model: Any, *, group: Any = None) -> Any:
+    """torch: average every trainable weight's gradient over the SP group at the end of each
+    ``backward()`` (one all-reduce per gradient dtype), so ``model.fit``, or any loop that runs
+    ``backward()`` and an optimizer, gives every rank the unsharded model's gradient and the
+    same weights. Call it once per model, before training; returns a handle whose
+    ``remove()`` undoes it.
 
     Shapes: each gradient keeps its weight's shape; it becomes the mean of the ranks' values.
+    Gradient accumulation works (what earlier passes accumulated is already the same on every
+    rank), and so do several backward passes of one forward pass.
 
     Raises:
         TypeError: on the JAX backend (``jax.grad`` through :func:`jax_forward` is already the
             unsharded gradient: ``shard_map`` sums the devices' terms).
-        PlanError: from ``backward()``, when no :class:`SPShard` ran in a forward pass with
-            gradients since the previous backward (a sequence sharded by hand follows the plain
+        PlanError: from ``backward()``, when the backward pass went through no
+            :class:`SPShard` or :class:`SPGather` (a sequence sharded by hand follows the plain
             rules of ``sp_shard``/``sp_gather``, whose gradient terms the mean does not sum).
     """
     if BACKEND != "torch":
@@ -517,37 +619,9 @@ def sync_gradients(model: Any, *, group: Any = None) -> GradientSync:
             "jax_forward(model, mesh) is already the unsharded gradient (shard_map sums the "
             "devices' terms); no sync is needed."
         )
-    import torch
-    import torch.distributed as dist
+    from . import _keras_torch
 
-    from ..api import resolve
-
-    weights = [v.value for v in model.trainable_variables]
-    if not weights:
-        raise ValueError(
-            f"sync_gradients: {type(model).__name__} has no trainable weights yet; build the "
-            "model (call it once, or keras.Model(inputs, outputs)) before syncing."
-        )
-    state = {"task": None, "shards": _STATE.shards_run}
-
-    def hook(weight: torch.Tensor) -> None:
-        resolved = resolve("sync_gradients", weight, group)
-        task = torch._C._current_graph_task_id()
-        if task != state["task"]:
-            if _STATE.shards_run == state["shards"]:
-                raise PlanError(
-                    "sync_gradients: no SPShard layer ran in a forward pass since the last "
-                    "backward, so these gradients do not follow the convention that averaging "
-                    "makes whole; shard the sequence with sp_common.integrations.keras.SPShard "
-                    "(and gather it with SPGather), or sum the gradient terms yourself."
-                )
-            state["task"], state["shards"] = task, _STATE.shards_run
-        if resolved.world_size > 1 and weight.grad is not None:
-            dist.all_reduce(weight.grad, group=resolved.group)
-            weight.grad.div_(resolved.world_size)
-
-    handles = [w.register_post_accumulate_grad_hook(hook) for w in weights]
-    return GradientSync(handles)
+    return _keras_torch.sync_gradients(model, group)
 
 
 def jax_forward(
