@@ -1,4 +1,5 @@
-"""Test-session setup: 8 virtual JAX CPU devices and reusable torch gloo rank pools."""
+"""Test-session setup: 8 virtual JAX CPU devices, Keras on JAX in this process, and reusable
+torch gloo rank pools."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# Keras reads its backend once, at its first import: this process's is JAX (the Keras tests'
+# torch ranks set KERAS_BACKEND=torch before they import keras).
+os.environ["KERAS_BACKEND"] = "jax"
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor

@@ -11,17 +11,13 @@ trained weights 1.2e-7)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
-if "keras" not in sys.modules:
-    os.environ["KERAS_BACKEND"] = "jax"  # this process's Keras; the torch ranks set their own
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras")  # on JAX (tests/conftest.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -216,9 +216,17 @@ class _SequenceLayer(keras.layers.Layer):
         except ValueError as e:  # nothing bound, or not the axis named
             raise _bound_error(type(self).__name__, e) from None
 
-    def _symbolic_mask(self, mask: Any) -> Any:
-        shape = self.compute_output_shape((*mask.shape, 1))[:-1]
-        return keras.KerasTensor(shape, dtype=mask.dtype)
+    def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
+        if previous_mask is None:
+            return None
+        if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
+            shape = self.compute_output_shape((*previous_mask.shape, 1))[:-1]
+            return keras.KerasTensor(shape, dtype=previous_mask.dtype)
+        return self._mask(self._dim(len(inputs.shape)), previous_mask)
+
+    def _mask(self, dim: int, mask: Any) -> Any:
+        """This layer's Keras mask of the output, from the input's (sequence dim ``dim``)."""
+        raise NotImplementedError
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         dim = self._dim(len(input_shape))
@@ -304,16 +312,9 @@ class SPShard(_SequenceLayer):
         _records()[self.sequence] = _Sharded(length, pad, (length + pad) // n, self.layout)
         return out
 
-    def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
-        if previous_mask is None:
-            return None
-        if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
-            return self._symbolic_mask(previous_mask)
-        dim = self._dim(len(inputs.shape))
-        mask, _ = sp_shard_with_padding(
-            previous_mask, dim, False, layout=self.layout, group=self.group
-        )
-        return mask
+    def _mask(self, dim: int, mask: Any) -> Any:
+        shard, _ = sp_shard_with_padding(mask, dim, False, layout=self.layout, group=self.group)
+        return shard
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
@@ -378,18 +379,11 @@ class SPGather(_SequenceLayer):
         self._record = record
         return out
 
-    def compute_mask(self, inputs: Any, previous_mask: Any = None) -> Any:
-        if previous_mask is None:
-            return None
-        if keras.backend.is_keras_tensor(previous_mask):  # building a functional model
-            return self._symbolic_mask(previous_mask)
+    def _mask(self, dim: int, mask: Any) -> Any:
         record = self._record
         if record is None:
             raise PlanError("SPGather.compute_mask runs only after the layer's call().")
-        dim = self._dim(len(inputs.shape))
-        return sp_gather(
-            previous_mask, dim, pad_size=record.pad, layout=record.layout, group=self.group
-        )
+        return sp_gather(mask, dim, pad_size=record.pad, layout=record.layout, group=self.group)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
