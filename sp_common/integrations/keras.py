@@ -15,8 +15,8 @@ One model definition runs on both backends::
 - **torch** (one process per SP rank, ``torchrun`` or ``init_process_group``): every rank is
   given the same batch; ``model(x)`` is the unsharded model's output on every rank. For
   training, call ``sync_gradients(model)`` once after building the model: the gradients are
-  then averaged over the SP ranks during ``backward()``, so ``model.fit`` (or any loop) gives
-  every rank the unsharded model's gradients and the weights never diverge.
+  then averaged over the SP ranks at the end of each ``backward()``, so ``model.fit`` (or any
+  loop) gives every rank the unsharded model's gradients and the weights never diverge.
 - **JAX** (one process, a device mesh): run the model inside ``jax.shard_map`` through
   ``jax_forward(model, mesh)``, a pure ``(trainable, non_trainable, x) -> y`` of
   ``model.stateless_call``; ``jax.grad`` of it is the unsharded model's gradient (``shard_map``
@@ -25,8 +25,11 @@ One model definition runs on both backends::
 
 The real length of a sequence that the SP world size does not divide is recorded by
 :class:`SPShard` (which pads) and read by :class:`SPMultiHeadAttention` (padded keys never take
-part) and :class:`SPGather` (which drops the padding); a sequence sharded by hand passes its
-real length per call, ``attention(h, h, seq_len=S)``.
+part) and :class:`SPGather` (which drops the padding), for the one model call that ran it; a
+sequence sharded by hand passes its real length per call, ``attention(h, h, seq_len=S)``.
+Cross-attention names the keys' sequence (``SPMultiHeadAttention(..., sequence="ctx")``). In a
+functional model, Keras layers that combine tokens between ``SPShard`` and ``SPGather``
+(attention that is not sequence-parallel, convolutions, pooling, ...) raise, naming them.
 
 Gradients on torch follow one convention: every replicated tensor's cotangent is the whole
 gradient on every rank, and every sharded tensor's is ``N`` times its rank's part
