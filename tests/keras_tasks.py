@@ -69,3 +69,24 @@ def by_hand_task(seq: int) -> dict[str, np.ndarray]:
     got = sp.sp_gather(ours(shard, shard, seq_len=seq, use_causal_mask=True), 1, pad_size=pad)
     want = theirs(x, x, use_causal_mask=True)
     return {"got": got.detach().numpy(), "want": want.detach().numpy()}
+
+
+def replicated_check_task() -> dict[str, str]:
+    """SPShard's check that every rank got the same input: the same input with a NaN passes;
+    the batch in another order on rank 1 raises."""
+    import torch
+    import torch.distributed as dist
+
+    _keras()
+    import sp_common.integrations.keras as sp_keras
+
+    x = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    x[0, 1, 2] = float("nan")
+    found = {"nan": f"shape {tuple(sp_keras.SPShard()(x).shape)}"}
+    swapped = x.flip(0) if dist.get_rank() == 1 else x
+    try:
+        sp_keras.SPShard()(swapped)
+        found["swapped"] = "ran"
+    except ValueError as e:
+        found["swapped"] = str(e)
+    return found

@@ -237,3 +237,11 @@ def test_a_layer_that_combines_tokens_on_the_shard_raises_naming_it(
     x = jnp.asarray(keras_model.inputs(8)[0])
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=f"\\({named}\\) between SPShard"):
         jax.jit(sp_keras.jax_forward(model, mesh, training=training))(trainable, fixed, x)
+
+
+def test_torch_ranks_given_different_batches_raise_and_a_nan_is_no_difference(
+    torch_ranks: Ranks,
+) -> None:
+    for found in torch_ranks(2).run(tasks.replicated_check_task):
+        assert found["nan"] == "shape (2, 2, 3)", found
+        assert "the SP ranks were given different inputs" in found["swapped"], found

@@ -49,16 +49,20 @@ def scale_grad(x: torch.Tensor, multiply: int, divide: int) -> torch.Tensor:
 
 
 def check_replicated(layer: str, x: torch.Tensor, group: Any) -> None:
-    """Raise ValueError on every rank unless every rank of ``group`` passed the same ``x``
-    (a position-weighted float64 sum of it, compared by one all-reduce of two numbers)."""
+    """Raise ValueError on every rank unless every rank of ``group`` passed the same ``x``: its
+    float64 sum over the last dim, then the plain and the position-weighted sums of those
+    (batches in another order differ), compared by one all-reduce of two numbers. Memory: one
+    float64 per row of ``x``, not a copy of it; NaN and infinite rows compare as equal."""
     if torch.compiler.is_compiling():
         return
     resolved = resolve(layer, x, group)
     if resolved.world_size == 1:
         return
-    flat = x.detach().reshape(-1).to(torch.float64)
-    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
-    sums = torch.stack([flat.sum(), (flat * weights).sum()])
+    rows = x.detach().reshape(-1, x.shape[-1]).sum(-1, dtype=torch.float64)
+    rows = torch.nan_to_num(rows, nan=0.5, posinf=1.5, neginf=-1.5)
+    weights = torch.linspace(1.0, 2.0, rows.numel(), dtype=torch.float64, device=rows.device)
+    sums = torch.stack([rows.sum(), (rows * weights).sum()])
+    sums = torch.nan_to_num(sums, nan=0.5)  # inf - inf from rows of opposite overflow
     both = torch.cat([sums, -sums])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=resolved.group)
     if not torch.equal(both[:2], -both[2:]):

@@ -426,7 +426,10 @@ class SPMultiHeadAttention(keras.layers.MultiHeadAttention):
             sequence axis (at construction); an ``attention_mask`` (a mask over pairs of a shard
             is over local positions; say causal with ``use_causal_mask``, padding with
             ``value_mask``), ``return_attention_scores=True`` (the ``[S, S]`` scores are never
-            materialized), 4-d inputs, no SP group bound with ``strict`` (when called).
+            materialized), inputs that are not 3-d, cross-attention (``value`` is not
+            ``query``) without ``sequence=`` or ``seq_len=``, keys whose count on this rank is
+            not the one the named sequence's ``SPShard`` recorded, no SP group bound with
+            ``strict`` (when called).
     """
 
     def __init__(
